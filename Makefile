@@ -1,0 +1,42 @@
+# fastimp: `make test` and `make demo` set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastimp-installed
+CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+EXT_STAMP := build/.ext-built
+
+.PHONY: install build test test-fast demo bench clean backends
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py constraints-ci.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PY) -m pip install -q -c constraints-ci.txt torch torchvision triton pybind11 ninja
+	FASTIMP_NO_EXT=1 $(PY) -m pip install -q -c constraints-ci.txt --no-build-isolation -e '.[all]'
+	touch $@
+
+# Builds fastimp._C in place (C++ kernels; CUDA kernels too wherever nvcc is present).
+build: $(EXT_STAMP)
+
+$(EXT_STAMP): $(STAMP) $(CSRC) setup.py
+	mkdir -p build
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: build
+	FASTIMP_REQUIRE_EXT=1 $(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m fastimp imp --preset mnist1d --out demo_out
+	$(PY) -m fastimp report demo_out
+
+bench: build
+	$(PY) -m benchmarks
+
+backends: build
+	$(PY) -m fastimp backends
+
+clean:
+	rm -rf build fastimp/_C*.so *.egg-info

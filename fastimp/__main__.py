@@ -1,0 +1,3 @@
+from fastimp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op (nothing but kernels and their launch helpers)."""

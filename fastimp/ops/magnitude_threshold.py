@@ -1,0 +1,1 @@
+"""Placeholder: this op lands with its issue (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,29 @@
+"""Test configuration. Triton runs through its CPU interpreter unless a GPU is present; the
+variable must be set before Triton is first imported, hence here."""
+import os
+import shutil
+
+if "TRITON_INTERPRET" not in os.environ and not (
+        os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def devices():
+    """Devices to test on: the CPU always, CUDA when present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
