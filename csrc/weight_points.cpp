@@ -1,6 +1,83 @@
-// Placeholder until the op's kernels land; see docs/ARCHITECTURE.md.
+// weight_points: theta[k, i] = origin[i] + sum_j c_kj(i) * U[j, i], with c_kj(i) the coefficient
+// clamped to [lo_j, hi_j] where clip[i] (non-prunable coordinates; paper, Appendix B).
+// One pass over the output; OpenMP over (point, block of coordinates).
 #include "fastimp.h"
 
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
 namespace fastimp {
-void register_weight_points(pybind11::module_& m) {}
+namespace {
+
+constexpr int64_t kBlock = 2048;
+
+template <typename T>
+void weight_points_kernel(const T* origin, const T* U, const T* C, const bool* clip, const T* lo,
+                          const T* hi, T* out, int64_t K, int64_t J, int64_t D) {
+  const int64_t nblocks = (D + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < K * nblocks; ++task) {
+    const int64_t k = task / nblocks;
+    const int64_t start = (task % nblocks) * kBlock;
+    const int64_t end = std::min(D, start + kBlock);
+    T* o = out + k * D;
+    for (int64_t i = start; i < end; ++i) o[i] = origin[i];
+    for (int64_t j = 0; j < J; ++j) {
+      const T c = C[k * J + j];
+      const T cc = std::min(std::max(c, lo[j]), hi[j]);
+      const T* u = U + j * D;
+      for (int64_t i = start; i < end; ++i) o[i] += (clip[i] ? cc : c) * u[i];
+    }
+  }
+}
+
+void weight_points_cpu(const torch::Tensor& origin, const torch::Tensor& directions,
+                       const torch::Tensor& coeffs, const torch::Tensor& clip,
+                       const torch::Tensor& lo, const torch::Tensor& hi, torch::Tensor out) {
+  FASTIMP_CHECK_ARG(origin.dim() == 1 && origin.is_contiguous() && origin.device().is_cpu(),
+                    "origin", "a contiguous 1-D CPU tensor");
+  const int64_t D = origin.size(0);
+  FASTIMP_CHECK_ARG(directions.dim() == 2 && directions.size(1) == D && directions.is_contiguous(),
+                    "directions", "a contiguous tensor [J, D]");
+  const int64_t J = directions.size(0);
+  FASTIMP_CHECK_ARG(coeffs.dim() == 2 && coeffs.size(1) == J && coeffs.is_contiguous(), "coeffs",
+                    "a contiguous tensor [K, J]");
+  const int64_t K = coeffs.size(0);
+  FASTIMP_CHECK_ARG(clip.scalar_type() == torch::kBool && clip.numel() == D && clip.is_contiguous(),
+                    "clip", "a contiguous bool tensor [D]");
+  FASTIMP_CHECK_ARG(lo.numel() == J && hi.numel() == J && lo.is_contiguous() && hi.is_contiguous(),
+                    "lo/hi", "contiguous tensors [J]");
+  FASTIMP_CHECK_ARG(out.dim() == 2 && out.size(0) == K && out.size(1) == D && out.is_contiguous(),
+                    "out", "a contiguous tensor [K, D]");
+  const auto dt = origin.scalar_type();
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&directions, &coeffs, &lo, &hi, &out}) {
+    FASTIMP_CHECK_ARG(t->scalar_type() == dt && t->device().is_cpu(), "directions/coeffs/lo/hi/out",
+                      "CPU tensors of origin's dtype");
+  }
+  FASTIMP_CHECK_ARG(clip.device().is_cpu(), "clip", "a CPU tensor");
+  if (K == 0 || D == 0) return;
+  if (dt == torch::kFloat) {
+    weight_points_kernel<float>(origin.data_ptr<float>(), directions.data_ptr<float>(),
+                                coeffs.data_ptr<float>(), clip.data_ptr<bool>(), lo.data_ptr<float>(),
+                                hi.data_ptr<float>(), out.data_ptr<float>(), K, J, D);
+  } else if (dt == torch::kDouble) {
+    weight_points_kernel<double>(origin.data_ptr<double>(), directions.data_ptr<double>(),
+                                 coeffs.data_ptr<double>(), clip.data_ptr<bool>(),
+                                 lo.data_ptr<double>(), hi.data_ptr<double>(),
+                                 out.data_ptr<double>(), K, J, D);
+  } else {
+    FASTIMP_CHECK_ARG(false, "origin", "dtype float32 or float64");
+  }
+}
+
+}  // namespace
+
+void register_weight_points(pybind11::module_& m) {
+  m.def("weight_points_cpu", &weight_points_cpu, "theta = origin + coeffs @ directions (clamped "
+        "coefficients where clip), written into out [K, D]",
+        pybind11::arg("origin"), pybind11::arg("directions"), pybind11::arg("coeffs"),
+        pybind11::arg("clip"), pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("out"));
+}
+
 }  // namespace fastimp

@@ -17,9 +17,13 @@ _LAZY = {
     "WeightSpace": "fastimp.weight_space",
     "prune_magnitude": "fastimp.pruning",
     "prune_random": "fastimp.pruning",
+    "error_barrier": "fastimp.landscape",
+    "TrainConfig": "fastimp.training",
+    "IMPConfig": "fastimp.imp",
+    "load_run": "fastimp.imp",
 }
 _SUBMODULES = ("ops", "kernels", "optim", "masks", "weight_space", "pruning", "models", "data",
-               "training", "imp", "presets", "landscape", "hessian", "theory", "report", "cli")
+               "durations", "training", "imp", "presets", "landscape", "hessian", "theory", "report", "cli")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

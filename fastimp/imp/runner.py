@@ -1,0 +1,368 @@
+"""``run(config, out_dir)``: Algorithm 1 of the paper with the retraining strategies of Section 2,
+for several rewind steps and replicates, resumable.
+
+Per replicate (seed s): build w_0, pre-train to every rewind step tau (one trajectory, snapshots
+at each tau), then for each tau and level L = 0..levels train m^(L) . start (see
+:mod:`fastimp.imp.strategies`), evaluate, prune 1 - alpha of the remaining weights (magnitude or
+random) to get m^(L+1) and record ||w^(L) - m^(L+1) . w^(L)||. Every file is written atomically; a
+level is finished when its ``stats.json`` exists, so a rerun skips finished levels and an
+interrupted level resumes from its training checkpoint (bit-identical on the CPU).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from fastimp.imp._io import load_json, load_torch, save_json, save_torch
+from fastimp.imp.config import IMPConfig
+from fastimp.imp.folder import Run, level_dir, load_run, rewind_dir
+from fastimp.imp.matching import summarize
+from fastimp.imp.strategies import PREVIOUS, level_plan
+
+DEFAULT_CHECKPOINT_EVERY = 500
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") \
+            from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def load_dataset(config: IMPConfig, device="cpu"):
+    from fastimp import data
+    kwargs = dict(config.dataset_kwargs)
+    return data.get(config.dataset, root=config.data_root, device=str(device), **kwargs)
+
+
+def replicate_train_config(config: IMPConfig, seed: int):
+    """Replicate with seed s: init_seed = train.init_seed + s, data_seed = train.data_seed + s."""
+    t = config.train
+    return t.replace(init_seed=t.init_seed + seed, data_seed=t.data_seed + seed)
+
+
+def _cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def projection_distance(model: torch.nn.Module, next_masks) -> float:
+    """||w - m . w||_2 over the prunable weights: the norm of the weights the mask removes."""
+    params = dict(model.named_parameters())
+    total = torch.zeros((), dtype=torch.float64)
+    for name, m in next_masks.items():
+        w = params[name].detach()
+        removed = w.masked_select(~m.to(w.device))
+        total += removed.double().pow(2).sum().cpu()
+    return math.sqrt(float(total))
+
+
+def _prune(model, fraction: float, masks, pruning: str, generator_seed: int):
+    from fastimp.pruning import prune_magnitude, prune_random
+    if pruning == "magnitude":
+        new = prune_magnitude(model, fraction, masks=masks)
+    else:
+        g = torch.Generator().manual_seed(generator_seed)
+        new = prune_random(model, fraction, masks=masks, generator=g)
+    return new
+
+
+def _adaptive_fraction(model, masks, train_data, dense_stats: Dict[str, Any]) -> float:
+    """Appendix F through ``fastimp.theory.adaptive_pruning_ratio``: the largest ratio whose
+    pruned projection keeps the train loss on the linear path below the dense network's train
+    loss + eps (eps = std of the per-batch train loss over its last epoch), at least 0.2."""
+    try:
+        from fastimp.theory import adaptive_pruning_ratio
+    except (ImportError, AttributeError):
+        raise RuntimeError(
+            "pruning_fraction='adaptive' (Appendix F) needs fastimp.theory.adaptive_pruning_ratio, "
+            "which this install does not provide; use a fixed pruning_fraction such as 0.2") \
+            from None
+    if dense_stats.get("train_loss") is None or dense_stats.get("train_loss_epsilon") is None:
+        raise RuntimeError("pruning_fraction='adaptive' needs the dense level's train loss and its "
+                           "spread over the last epoch, which level 0 did not record")
+    threshold = float(dense_stats["train_loss"]) + float(dense_stats["train_loss_epsilon"])
+    solution = {k: v.detach() for k, v in model.state_dict().items()}
+    return float(adaptive_pruning_ratio(model, solution, masks, train_data, threshold))
+
+
+def _merge_config(folder: Path, config: IMPConfig) -> IMPConfig:
+    """Union of this call's rewind steps / seeds / levels with those already in the folder."""
+    path = folder / "config.json"
+    if not path.exists():
+        return config
+    old = IMPConfig.from_dict(load_json(path))
+    if old.hashed_dict() != config.hashed_dict():
+        raise ValueError(f"{folder} holds a run with different hyperparameters (hash collision?)")
+    seeds = old.replicate_seeds + [s for s in config.replicate_seeds if s not in old.replicate_seeds]
+    return config.replace(rewind_steps=sorted(set(old.rewind_steps) | set(config.rewind_steps)),
+                          seeds=seeds, levels=max(old.levels, config.levels))
+
+
+def collect_results(folder: Path, config: IMPConfig) -> List[Dict[str, Any]]:
+    rows = []
+    for r, seed in enumerate(config.replicate_seeds):
+        for tau in config.rewind_steps:
+            L = 0
+            while (level_dir(folder, seed, tau, L) / "stats.json").exists():
+                st = load_json(level_dir(folder, seed, tau, L) / "stats.json")
+                st["replicate"] = r
+                rows.append(st)
+                L += 1
+    return rows
+
+
+def write_results(folder: Path, config: IMPConfig, eps: Optional[float] = None):
+    rows = collect_results(folder, config)
+    summary = summarize(rows, eps=eps)
+    matching = {(s["rewind_step"], s["level"]): s["matching"] for s in summary}
+    for row in rows:
+        row["matching"] = matching.get((row["rewind_step"], row["level"]))
+    save_json(rows, folder / "results.json")
+    save_json(summary, folder / "summary.json")
+    save_json({"eps": eps}, folder / "matching.json")
+    return rows, summary
+
+
+class _Context:
+    """What the levels of one replicate share."""
+
+    def __init__(self, config: IMPConfig, seed: int, device, dataset, on_step, progress,
+                 checkpoint_every):
+        from fastimp import training
+        self.config, self.seed, self.device, self.dataset = config, seed, device, dataset
+        self.train_cfg = replicate_train_config(config, seed)
+        self.loader = training.make_loader(dataset, self.train_cfg, device=str(device))
+        self.test_loader = dataset.loader("test", max(self.train_cfg.batch_size, 1000),
+                                          device=str(device))
+        self.total_steps = self.train_cfg.total_steps(self.loader.iterations_per_epoch)
+        self.on_step, self.progress, self.checkpoint_every = on_step, progress, checkpoint_every
+
+    def build_model(self):
+        from fastimp import models
+        return models.get(self.config.model, num_classes=self.dataset.num_classes,
+                          seed=self.train_cfg.init_seed, **self.config.model_kwargs)
+
+    def train(self, model, masks, start_step, end_step, checkpoint_path=None, extra_on_step=None,
+              desc=None):
+        from fastimp import training
+        callbacks = [cb for cb in (extra_on_step, self.on_step) if cb is not None]
+
+        def on_step(step, model, optimizer):
+            for cb in callbacks:
+                cb(step, model, optimizer)
+        ckpt = None
+        if checkpoint_path is not None:
+            ckpt = training.Checkpoint(checkpoint_path, every=self.checkpoint_every)
+        return training.train(model, self.train_cfg, self.loader, masks=masks,
+                              start_step=start_step, end_step=end_step,
+                              on_step=on_step if callbacks else None, checkpoint=ckpt,
+                              progress=self.progress)
+
+
+def _pretrain(ctx: _Context, folder: Path, rewind_steps: List[int]):
+    seed = ctx.seed
+    missing = [t for t in rewind_steps
+               if not (rewind_dir(folder, seed, t) / "rewind_state.pt").exists()]
+    if not missing:
+        return
+    for tau in missing:
+        if tau > ctx.total_steps:
+            raise ValueError(f"rewind_steps: {tau} is past the end of training "
+                             f"(T = {ctx.total_steps} steps)")
+    model = ctx.build_model()
+    init = _cpu_state(model)
+    save_torch(init, folder / f"seed_{seed}" / "init.pt")
+    if 0 in missing:
+        save_torch(init, rewind_dir(folder, seed, 0) / "rewind_state.pt")
+    end = max(missing)
+    if end == 0:
+        return
+    wanted = set(missing)
+
+    def snapshot(step, model, optimizer):
+        if step in wanted:
+            save_torch(_cpu_state(model), rewind_dir(folder, seed, step) / "rewind_state.pt")
+    model.to(ctx.device)
+    ckpt = folder / f"seed_{seed}" / f"pretrain_to_{end}.checkpoint.pt"
+    for stale in ckpt.parent.glob("pretrain_to_*.checkpoint.pt"):
+        if stale != ckpt:  # an interrupted pre-training towards other rewind steps
+            stale.unlink()
+    ctx.train(model, None, 0, end, ckpt, extra_on_step=snapshot)
+
+
+def _level(ctx: _Context, folder: Path, tau: int, level: int, replicate: int,
+           dense_stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    from fastimp import training
+    from fastimp.masks import Masks
+    cfg = ctx.config
+    d = level_dir(folder, ctx.seed, tau, level)
+    model = ctx.build_model()
+    if level == 0:
+        masks = Masks.ones(model)
+        masks.save(d / "mask.pt")
+    elif (d / "mask.pt").exists():
+        masks = Masks.load(d / "mask.pt")
+    else:  # the previous level finished before its next mask was written
+        raise FileNotFoundError(f"{d / 'mask.pt'} is missing; delete "
+                                f"{level_dir(folder, ctx.seed, tau, level - 1)} and rerun")
+    plan = level_plan(cfg.strategy, level, tau, ctx.total_steps)
+    if plan.start == PREVIOUS:
+        start = load_torch(level_dir(folder, ctx.seed, tau, level - 1) / "solution.pt")
+    else:
+        start = load_torch(rewind_dir(folder, ctx.seed, tau) / "rewind_state.pt")
+    model.load_state_dict(start)
+    model.to(ctx.device)
+    masks_dev = masks.to(ctx.device)
+    t0 = time.perf_counter()
+    result = ctx.train(model, masks_dev, plan.start_step, plan.end_step, d / "checkpoint.pt")
+    seconds = time.perf_counter() - t0
+    test_error, test_loss = training.evaluate(model, ctx.test_loader)
+    save_torch(_cpu_state(model), d / "solution.pt")
+    save_torch(result.losses.detach().cpu(), d / "losses.pt")
+
+    if cfg.pruning_fraction == "adaptive":
+        stats0 = dense_stats if dense_stats is not None else {
+            "train_loss": result.train_loss, "train_loss_epsilon": result.train_loss_epsilon}
+        train_data = ctx.dataset.loader("train", ctx.train_cfg.batch_size, shuffle=False,
+                                        augment=False, device=str(ctx.device))
+        fraction = _adaptive_fraction(model, masks_dev, train_data, stats0)
+    else:
+        fraction = float(cfg.pruning_fraction)
+    gen_seed = (ctx.seed * 1_000_003 + tau * 1009 + level) % (2 ** 63)
+    next_masks = _prune(model, fraction, masks_dev, cfg.pruning, gen_seed)
+    distance = projection_distance(model, next_masks)
+    next_masks.to("cpu").save(level_dir(folder, ctx.seed, tau, level + 1) / "mask.pt")
+
+    remaining, total = int(masks.remaining()), int(masks.total())
+    stats = {
+        "level": level, "rewind_step": tau, "seed": ctx.seed, "replicate": replicate,
+        "strategy": cfg.strategy, "pruning": cfg.pruning,
+        "weights_remaining": remaining / total if total else 1.0,
+        "remaining": remaining, "total": total,
+        "sparsity": 1.0 - (remaining / total if total else 1.0),
+        "test_error": float(test_error), "test_loss": float(test_loss),
+        "train_loss": _float(result.train_loss),
+        "train_loss_epsilon": _float(result.train_loss_epsilon),
+        "projection_distance": distance,
+        "next_pruning_fraction": fraction,
+        "next_weights_remaining": int(next_masks.remaining()) / total if total else 1.0,
+        "start_step": plan.start_step, "end_step": plan.end_step,
+        "start": plan.start, "seconds": seconds,
+    }
+    save_json(stats, d / "stats.json")
+    return stats
+
+
+def _float(x):
+    return None if x is None else float(x)
+
+
+def run(config: IMPConfig, out_dir, progress: bool = True, *,
+        on_step: Optional[Callable] = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        eps: Optional[float] = None) -> Run:
+    """Run (or resume) IMP; returns the :class:`Run` of ``out_dir/imp_<hash>``.
+
+    ``on_step(step, model, optimizer)`` is called after every training step (tests use it to
+    interrupt a run); training checkpoints are written every ``checkpoint_every`` steps.
+    ``eps`` fixes the matching threshold (else the std of the dense replicates' test errors).
+    """
+    if not isinstance(config, IMPConfig):
+        raise TypeError(f"config: expected an IMPConfig, got {type(config).__name__}")
+    config.validate()
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected an int >= 1, got {checkpoint_every!r}")
+    device = resolve_device(config.device)
+    folder = Path(out_dir) / config.folder_name()
+    folder.mkdir(parents=True, exist_ok=True)
+    merged = _merge_config(folder, config)
+    save_json(merged.to_dict(), folder / "config.json")
+    (folder / "analysis").mkdir(exist_ok=True)
+
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps)
+    finally:
+        torch.set_num_threads(threads)
+    write_results(folder, merged, eps=eps)
+    return load_run(folder)
+
+
+def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps):
+    dataset = load_dataset(config, device=device)
+    seeds = config.replicate_seeds
+    todo = len(seeds) * len(config.rewind_steps) * (config.levels + 1)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=todo, desc=f"IMP-{config.strategy.upper()} {config.model}", unit="level")
+    try:
+        for seed in seeds:
+            replicate = merged.replicate_seeds.index(seed)
+            ctx = _Context(config, seed, device, dataset, on_step, False, checkpoint_every)
+            ctx.progress = progress and ctx.total_steps > 2000  # a bar per level when long
+            _pretrain(ctx, folder, config.rewind_steps)
+            for tau in config.rewind_steps:
+                dense_stats = None
+                for level in range(config.levels + 1):
+                    d = level_dir(folder, seed, tau, level)
+                    if (d / "stats.json").exists():
+                        stats = load_json(d / "stats.json")
+                    else:
+                        stats = _level(ctx, folder, tau, level, replicate, dense_stats)
+                        write_results(folder, merged, eps=eps)
+                    if level == 0:
+                        dense_stats = stats
+                    if bar is not None:
+                        bar.set_postfix(seed=seed, rewind=tau, level=level,
+                                        err=f"{stats['test_error']:.3f}",
+                                        left=f"{stats['weights_remaining']:.3f}")
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def retrain(run: Run, masks, rewind_step=None, replicate: int = 0, level: Optional[int] = None,
+            strategy: Optional[str] = None, device=None, progress: bool = False):
+    """See :meth:`Run.retrain`."""
+    from fastimp import training
+    from fastimp.masks import Masks
+    config = run.config
+    strategy = strategy or config.strategy
+    tau, seed = run._key(rewind_step, replicate)
+    if strategy != "wr" and level is None:
+        raise ValueError(f"level: retraining with strategy {strategy!r} starts from the solution "
+                         "w^(level) that was pruned; pass level")
+    dev = resolve_device(device or config.device)
+    dataset = run.dataset(str(dev))
+    ctx = _Context(config, seed, dev, dataset, None, progress, DEFAULT_CHECKPOINT_EVERY)
+    plan = level_plan(strategy, 1 if level is None else int(level) + 1, tau, ctx.total_steps)
+    start = run.solution(level, tau, replicate) if plan.start == PREVIOUS \
+        else run.rewind_state(tau, replicate)
+    model = ctx.build_model()
+    model.load_state_dict(start)
+    model.to(dev)
+    if not isinstance(masks, Masks):
+        masks = Masks(dict(masks))
+    result = ctx.train(model, masks.to(dev), plan.start_step, plan.end_step)
+    test_error, test_loss = training.evaluate(model, ctx.test_loader)
+    remaining, total = int(masks.remaining()), int(masks.total())
+    stats = {"rewind_step": tau, "seed": seed, "replicate": replicate, "strategy": strategy,
+             "from_level": level, "weights_remaining": remaining / total if total else 1.0,
+             "test_error": float(test_error), "test_loss": float(test_loss),
+             "train_loss": _float(result.train_loss),
+             "train_loss_epsilon": _float(result.train_loss_epsilon),
+             "start_step": plan.start_step, "end_step": plan.end_step}
+    return _cpu_state(model), stats

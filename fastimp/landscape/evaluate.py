@@ -1,0 +1,367 @@
+"""Batched evaluation of K networks theta_k = origin + sum_j coeffs[k, j] * directions[j].
+
+Per chunk of points: :func:`fastimp.ops.weight_points` writes the chunk's weight sets [k, D] in one
+pass, one batched forward (``torch.func.functional_call`` + ``vmap``; convolutions become grouped
+convolutions) evaluates all of them on each batch, which is read once per chunk, and the error
+counts and summed losses are reduced on the device.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from fastimp.landscape.space import StateLayout
+from fastimp.ops.weight_points import weight_points
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class Evaluation:
+    """Per point: ``error`` (fraction misclassified), ``loss`` (mean cross-entropy), and ``n``."""
+    error: torch.Tensor  # [K] float64, CPU
+    loss: torch.Tensor   # [K] float64, CPU
+    n: int
+
+
+def _check_data(data, name="data") -> None:
+    if data is None or isinstance(data, (torch.Tensor, str)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{name}: expected an iterable of (x, y) batches, got {type(data).__name__}")
+
+
+def _batches(data, device) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(f"data: batch {i} is not an (x, y) pair")
+        x, y = batch[0], batch[1]
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) for m in model.modules())
+
+
+def reset_bn_(model: nn.Module, train_data, max_batches: Optional[int] = None) -> nn.Module:
+    """Recompute BatchNorm running statistics of ``model`` on ``train_data`` in place: the
+    equal-weight average of the batch means and unbiased variances (``momentum=None``)."""
+    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    saved = [(m, m.momentum, m.training) for m in bns]
+    was = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    dev = next(iter(model.parameters())).device
+    with torch.no_grad():
+        for i, (x, _) in enumerate(_batches(train_data, dev)):
+            if max_batches is not None and i >= max_batches:
+                break
+            model(x)
+    for m, mom, tr in saved:
+        m.momentum = mom
+        m.train(tr)
+    model.train(was)
+    return model.eval()
+
+
+def _device_of(t: torch.Tensor, device):
+    return torch.device(device) if device is not None else t.device
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.6)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
+        avail = info.get("MemAvailable", 8 << 30)
+    except OSError:  # pragma: no cover - not Linux
+        avail = 8 << 30
+    return int(min(avail * 0.25, 2 << 30))  # CPU: stay small for the caches
+
+
+def _activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every module output for one point on batch ``x`` (a probe forward)."""
+    total = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0] + x.numel() * x.element_size()
+
+
+def auto_chunk_size(model: nn.Module, layout: StateLayout, x: torch.Tensor, K: int,
+                    device: torch.device) -> int:
+    """Points per chunk: what fits in a fraction of the free memory (weights + activations)."""
+    per_point = layout.D * 4 * 2 + 3 * _activation_bytes(model, x)
+    return int(max(1, min(K, _memory_budget(device) // max(per_point, 1))))
+
+
+def auto_batching(model: nn.Module, device, batch_examples: int = 0) -> str:
+    """``"vmap"`` on a GPU (a small network leaves most of the card idle), for CPU models without
+    2-D/3-D convolutions, and for CPU conv nets on small batches (<= 64 examples: per-op
+    overhead dominates); ``"loop"`` for CPU conv nets on larger batches, where vmap's grouped
+    convolutions (the input replicated K times) are not faster than K convolutions
+    (benchmarks/bench_landscape.py)."""
+    if torch.device(device).type != "cpu":
+        return "vmap"
+    if any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules()) and batch_examples > 64:
+        return "loop"
+    return "vmap"
+
+
+class _Forward:
+    """The batched forward of one architecture: f(params[k], buffers[k], x) -> logits [k, N, C]."""
+
+    def __init__(self, model: nn.Module, layout: StateLayout, batching: str):
+        self.model = model
+        self.layout = layout
+        self.batching = batching
+        self.bns = [m for m in model.modules() if isinstance(m, _BN)]
+
+        def f(params, buffers, x):
+            return functional_call(model, (params, buffers), (x,))
+
+        self.f = f
+        self.batched = vmap(f, in_dims=(0, 0, None))
+
+    def _over_points(self, f, batched, args, x):
+        if self.batching == "vmap":
+            return batched(*args, x)
+        k = next(iter(args[0].values())).shape[0] if args[0] else 1
+        outs = [f(*[{n: v[i] for n, v in a.items()} for a in args], x) for i in range(k)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(t) for t in zip(*outs))
+        return torch.stack(outs)
+
+    def logits(self, params, buffers, x):
+        return self._over_points(self.f, self.batched, (params, buffers), x)
+
+    def bn_stats(self, params, train_batches, max_batches):
+        """Per point and BN layer: running mean and variance recomputed on the training batches."""
+        model, bns = self.model, self.bns
+        captured: List[torch.Tensor] = []
+
+        def pre_hook(_m, inputs):
+            x = inputs[0]
+            dims = [d for d in range(x.dim()) if d != 1]
+            n = x.numel() // x.shape[1]
+            mean = x.mean(dim=dims)
+            var = x.var(dim=dims, unbiased=n > 1)
+            captured.append(torch.stack([mean, var]))
+
+        def f(params, x):
+            captured.clear()
+            functional_call(model, params, (x,))
+            return tuple(captured)
+
+        batched = vmap(f, in_dims=(0, None))
+        saved = [(m.track_running_stats, m.training) for m in bns]
+        hs = [m.register_forward_pre_hook(pre_hook) for m in bns]
+        for m in bns:
+            m.track_running_stats = False
+            m.train()
+        sums = None
+        nb = 0
+        try:
+            for i, (x, _) in enumerate(train_batches()):
+                if max_batches is not None and i >= max_batches:
+                    break
+                out = self._over_points(f, batched, (params,), x)
+                sums = list(out) if sums is None else [s + o for s, o in zip(sums, out)]
+                nb += 1
+        finally:
+            for h in hs:
+                h.remove()
+            for m, (trs, tr) in zip(bns, saved):
+                m.track_running_stats = trs
+                m.train(tr)
+        if nb == 0:
+            raise ValueError("train_data: expected at least one batch for bn='reset'")
+        names = {id(m): n for n, m in model.named_modules()}
+        buffers = {}
+        for m, s in zip(bns, sums):
+            prefix = names[id(m)]
+            buffers[f"{prefix}.running_mean" if prefix else "running_mean"] = s[:, 0] / nb
+            buffers[f"{prefix}.running_var" if prefix else "running_var"] = s[:, 1] / nb
+        return buffers
+
+
+def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "interpolate",
+             train_data=None, bn_batches: Optional[int] = None, clip: Optional[Tuple] = None,
+             chunk_size: Optional[int] = None, backend: str = "auto", device=None,
+             include=None, batching: str = "auto", progress: bool = False) -> Evaluation:
+    """Error and loss of each ``theta_k = origin + sum_j coeffs[k, j] * directions[j]`` on ``data``.
+
+    - ``model``: the architecture (its own weights are not used, except non-float buffers).
+    - ``origin``: model, state dict or flat vector; ``directions``: tensor [J, D] in the layout of
+      :class:`StateLayout` (or [J, D_params]: buffers then do not move) or a list of state dicts
+      / flat vectors; ``coeffs``: [K, J].
+    - ``clip=(lo, hi)`` (sequences [J]): coefficients of the non-prunable coordinates (parameters
+      and BN buffers) are clamped to [lo_j, hi_j] (Appendix B: with directions w_j - origin and
+      (0, 1) they stay in the convex hull and are projected onto its nearest boundary outside it).
+    - ``bn="interpolate"``: BN running statistics move with the weights; ``bn="reset"``: they are
+      recomputed per point on ``train_data`` (first ``bn_batches`` batches), batched as well.
+    - ``batching``: ``"vmap"`` (one forward for the chunk's points), ``"loop"`` (one
+      ``functional_call`` per point on views of the chunk, no copies) or ``"auto"``
+      (:func:`auto_batching`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if bn not in ("interpolate", "reset"):
+        raise ValueError(f"bn: expected 'interpolate' or 'reset', got {bn!r}")
+    _check_data(data)
+    if iter(data) is data:  # a one-pass iterator: every chunk reads the data again
+        data = list(data)
+    if bn == "reset":
+        _check_data(train_data, "train_data")
+        if iter(train_data) is train_data:
+            train_data = list(train_data)
+    layout = StateLayout(model, include)
+    o = layout.flatten(origin)
+    dev = _device_of(o, device)
+    o = o.to(dev)
+    U = _directions(layout, directions, o)
+    if not isinstance(coeffs, torch.Tensor):
+        coeffs = torch.as_tensor(coeffs, dtype=torch.float32)
+    if coeffs.dim() != 2 or coeffs.shape[1] != U.shape[0]:
+        raise ValueError(f"coeffs: expected a tensor [K, {U.shape[0]}], got {tuple(coeffs.shape)}")
+    if not torch.isfinite(coeffs).all():
+        raise ValueError("coeffs: expected finite values")
+    C = coeffs.to(dev, torch.float32)
+    K, J = C.shape
+    cl = layout.prunable.logical_not().to(dev)
+    lo = hi = None
+    if clip is not None:
+        lo, hi = clip
+        lo = torch.as_tensor(lo, dtype=torch.float32).reshape(-1).to(dev)
+        hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).to(dev)
+        if lo.numel() != J or hi.numel() != J:
+            raise ValueError(f"clip: expected (lo, hi) with {J} entries each")
+    net = copy.deepcopy(model).to(dev).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    data_list = data if isinstance(data, (list, tuple)) else None
+    if batching == "auto":
+        first = next(iter(data_list if data_list is not None else data))
+        batching = auto_batching(net, dev, len(first[1]))
+    elif batching not in ("vmap", "loop"):
+        raise ValueError(f"batching: expected 'auto', 'vmap' or 'loop', got {batching!r}")
+    fwd = _Forward(net, layout, batching)
+    errors = torch.zeros(K, dtype=torch.float64, device=dev)
+    losses = torch.zeros(K, dtype=torch.float64, device=dev)
+    n_total = 0 if K else 1
+    if chunk_size is None:
+        first = next(iter(data_list if data_list is not None else data))
+        x0 = first[0].to(dev)
+        chunk_size = auto_chunk_size(net, layout, x0, K, dev)
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    W = torch.empty(min(chunk_size, max(K, 1)), layout.D, dtype=torch.float32, device=dev)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=K, desc="landscape", unit="point")
+    s = 0
+    with torch.no_grad():
+        while s < K:
+            e = min(K, s + chunk_size)
+            try:
+                n_total = _chunk(fwd, layout, o, U, C[s:e], cl, lo, hi, W[:e - s], data, bn,
+                                 train_data, bn_batches, backend, dev, errors[s:e], losses[s:e])
+            except torch.cuda.OutOfMemoryError:
+                if chunk_size == 1:
+                    raise
+                errors[s:e] = 0
+                losses[s:e] = 0
+                chunk_size = max(1, chunk_size // 2)  # the probe underestimated: halve, redo
+                torch.cuda.empty_cache()
+                continue
+            if bar is not None:
+                bar.update(e - s)
+            s = e
+    if bar is not None:
+        bar.close()
+    if n_total == 0:
+        raise ValueError("data: expected at least one example")
+    denom = max(n_total, 1)
+    return Evaluation(error=(errors / denom).cpu(), loss=(losses / denom).cpu(),
+                      n=n_total if K else 0)
+
+
+def _chunk(fwd, layout, o, U, C, cl, lo, hi, Wk, data, bn, train_data, bn_batches, backend, dev,
+           errors, losses) -> int:
+    """Evaluate one chunk of points into ``errors``/``losses`` (views); returns the examples seen."""
+    weight_points(o, U, C, clip=cl, lo=lo, hi=hi, out=Wk, backend=backend)
+    params, buffers = layout.views(Wk)
+    if bn == "reset" and fwd.bns:
+        buffers = {**buffers, **fwd.bn_stats(params, lambda: _batches(train_data, dev), bn_batches)}
+    n = 0
+    for x, y in _batches(data, dev):
+        logits = fwd.logits(params, buffers, x)  # [k, N, C]
+        k, N, nc = logits.shape
+        ce = F.cross_entropy(logits.reshape(k * N, nc), y.repeat(k), reduction="none")
+        losses += ce.view(k, N).sum(1, dtype=torch.float64)
+        errors += (logits.argmax(-1) != y).sum(1, dtype=torch.float64)
+        n += N
+    return n
+
+
+def _directions(layout: StateLayout, directions, o: torch.Tensor) -> torch.Tensor:
+    if isinstance(directions, torch.Tensor):
+        if directions.dim() == 1:
+            directions = directions[None]
+        if directions.dim() != 2 or directions.shape[1] not in (layout.D, layout.D_params):
+            raise ValueError(f"directions: expected a tensor [J, {layout.D}] (or [J, "
+                             f"{layout.D_params}] for parameters only), got {tuple(directions.shape)}")
+        U = directions.detach().to(o.device, torch.float32)
+        if U.shape[1] == layout.D_params and layout.D != layout.D_params:
+            U = torch.cat([U, U.new_zeros(U.shape[0], layout.D - layout.D_params)], 1)
+        return U.contiguous()
+    if isinstance(directions, (list, tuple)):
+        if not directions:
+            return o.new_zeros(0, layout.D)
+        return torch.stack([_directions(layout, d, o)[0] if isinstance(d, torch.Tensor)
+                            else layout.flatten(d).to(o.device) for d in directions])
+    raise TypeError(f"directions: expected a tensor [J, D] or a list, got {type(directions).__name__}")
+
+
+def evaluate_loop(model: nn.Module, states: Sequence, data, *, bn: str = "interpolate",
+                  train_data=None, bn_batches: Optional[int] = None, device="cpu") -> Evaluation:
+    """The one-model-at-a-time reference: ``load_state_dict`` + evaluate, per state dict."""
+    net = copy.deepcopy(model).to(device).eval()
+    errs, losses = [], []
+    n = 0
+    for sd in states:
+        net.load_state_dict(sd)
+        if bn == "reset":
+            reset_bn_(net, train_data, bn_batches)
+        net.eval()
+        e = l = 0.0
+        n = 0
+        with torch.no_grad():
+            for x, y in _batches(data, device):
+                out = net(x)
+                l += F.cross_entropy(out, y, reduction="sum").item()
+                e += (out.argmax(-1) != y).sum().item()
+                n += y.numel()
+        errs.append(e / n)
+        losses.append(l / n)
+    return Evaluation(torch.tensor(errs, dtype=torch.float64),
+                      torch.tensor(losses, dtype=torch.float64), n)

@@ -1,0 +1,216 @@
+r"""``MaskedSGD``: ``torch.optim.SGD`` that keeps pruned weights (and their momentum) at exactly 0.
+
+After every step the result equals ``torch.optim.SGD.step()`` followed by ``p.mul_(m)`` and
+``momentum_buffer.mul_(m)`` for every masked parameter, computed in one fused pass per device
+and dtype (see :mod:`fastimp.ops.masked_sgd` for the formula and the backends).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from fastimp.ops.masked_sgd import _DTYPES, masked_sgd_
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32,
+                torch.float64)
+
+
+def _to_float(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a 1-element tensor, got shape "
+                             f"{tuple(value.shape)}")
+        return float(value.item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
+
+
+class MaskedSGD(Optimizer):
+    r"""SGD with momentum, dampening, weight decay, Nesterov and maximize, exactly as
+    ``torch.optim.SGD`` (same arguments, param groups, closures, ``state_dict``, lr schedulers,
+    ``torch.amp.GradScaler``), plus masks.
+
+    Args:
+        params: iterable of parameters or of param-group dicts (as for ``torch.optim.SGD``).
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as ``torch.optim.SGD``.
+        masks: mapping ``Parameter -> mask`` of the parameter's shape and device, dtype bool,
+            uint8 or floating with values in {0, 1} (e.g. ``fastimp.Masks.for_params(model)``);
+            keys may also be parameter names when the optimizer was given ``named_parameters()``.
+            After each step ``p = m ? p : 0`` and ``buf = m ? buf : 0``. Parameters without a
+            mask are plain SGD.
+        decoupled_weight_decay: Loshchilov & Hutter's decoupled decay (the paper's ImageNet
+            runs): ``p <- (1 - lr * weight_decay) * p - lr * d`` where ``d`` is the momentum
+            update computed from the gradient alone; coupled (the default, as torch) adds
+            ``weight_decay * p`` to the gradient instead. (Composer's ``DecoupledSGDW`` scales
+            the decay by ``lr / initial_lr`` rather than ``lr``: pass
+            ``weight_decay = wd / initial_lr`` to reproduce it.)
+        backend: ``"auto"`` (fastest available per device) or ``"torch"``, ``"cpu"``,
+            ``"cuda"``, ``"triton"`` (see ``fastimp.backends()``).
+
+    Masks live in the optimizer state (``state[p]["mask"]``, bool), so ``state_dict()`` /
+    ``load_state_dict()`` round-trip them. ``set_masks`` does not touch the weights: the next
+    step zeroes the masked ones (``fastimp.Masks.apply_`` zeroes them at once). Parameters whose
+    grad is None are skipped entirely, as in torch (neither updated nor masked).
+    """
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
+                 maximize: bool = False, masks: Optional[Mapping] = None,
+                 decoupled_weight_decay: bool = False, backend: str = "auto") -> None:
+        _check_hparams(lr, momentum, dampening, weight_decay, nesterov)
+        from fastimp._backend import BACKENDS
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+        if masks is not None:
+            self.set_masks(masks)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", False)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        _check_hparams(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"])
+        for p in g["params"]:
+            if p.dtype not in _DTYPES:
+                raise TypeError(f"params: expected float32, bfloat16 or float16 parameters, got "
+                                f"{p.dtype} (complex and integer parameters are not supported)")
+
+    # masks ------------------------------------------------------------------------------------
+    def set_masks(self, masks: Optional[Mapping]) -> None:
+        """Replace every mask: ``masks`` maps a parameter (or its name) to a 0/1 tensor of its
+        shape and device; parameters left out (or ``masks=None``) become unmasked."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = {id(p): p for p in params}
+        names = {n: p for g in self.param_groups
+                 for n, p in zip(g.get("param_names", ()), g["params"])}
+        new: Dict[int, torch.Tensor] = {}
+        for key, m in (masks or {}).items():
+            if isinstance(key, str):
+                if key not in names:
+                    raise ValueError(f"masks: no parameter named {key!r} in this optimizer "
+                                     "(name keys need params given as named_parameters(); else "
+                                     "key by Parameter, e.g. Masks.for_params(model))")
+                p = names[key]
+            elif isinstance(key, torch.Tensor):
+                if id(key) not in by_id:
+                    raise ValueError(f"masks: a key (shape {tuple(key.shape)}) is not a parameter "
+                                     "of this optimizer")
+                p = key
+            else:
+                raise TypeError(f"masks: expected keys that are Parameters or names, got "
+                                f"{type(key).__name__}")
+            new[id(p)] = _check_mask(m, p)
+        for p in params:
+            st = self.state[p]
+            if id(p) in new:
+                st["mask"] = new[id(p)]
+            else:
+                st.pop("mask", None)
+                if not st:
+                    del self.state[p]
+
+    @property
+    def masks(self) -> Dict[torch.nn.Parameter, torch.Tensor]:
+        """The current masks, ``Parameter -> bool tensor``."""
+        return {p: self.state[p]["mask"] for g in self.param_groups for p in g["params"]
+                if p in self.state and "mask" in self.state[p]}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if "mask" in st:
+                st["mask"] = _check_mask(st["mask"], p)
+
+    # the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step (the formula in :mod:`fastimp.ops.masked_sgd`); returns ``closure()``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        state = self.state
+        for group in self.param_groups:
+            momentum = _to_float(group["momentum"], "momentum")
+            params, grads, bufs, masks = [], [], [], []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError("MaskedSGD does not support sparse gradients (use dense "
+                                       "grads, e.g. nn.Embedding(sparse=False))")
+                if g.dtype is not p.dtype:
+                    raise ValueError(f"grad: expected the param's dtype {p.dtype}, got {g.dtype}")
+                params.append(p)
+                grads.append(g)
+                st = state.get(p)
+                if st:
+                    bufs.append(st.get("momentum_buffer") if momentum != 0 else None)
+                    masks.append(st.get("mask"))
+                else:
+                    bufs.append(None)
+                    masks.append(None)
+            if not params:
+                continue
+            new_bufs = masked_sgd_(
+                params, grads, bufs, masks, lr=_to_float(group["lr"], "lr"), momentum=momentum,
+                dampening=_to_float(group["dampening"], "dampening"),
+                weight_decay=_to_float(group["weight_decay"], "weight_decay"),
+                nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+                decoupled=bool(group["decoupled_weight_decay"]), backend=self.backend)
+            if momentum != 0:
+                for p, b, old in zip(params, new_bufs, bufs):
+                    if old is None:
+                        state[p]["momentum_buffer"] = b
+        return loss
+
+
+def _check_hparams(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    lr_f = _to_float(lr, "lr")
+    if not lr_f >= 0.0:
+        raise ValueError(f"lr: expected >= 0, got {lr_f}")
+    if not _to_float(momentum, "momentum") >= 0.0:
+        raise ValueError(f"momentum: expected >= 0, got {momentum}")
+    _to_float(dampening, "dampening")
+    if not _to_float(weight_decay, "weight_decay") >= 0.0:
+        raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
+    if nesterov and (_to_float(momentum, "momentum") <= 0 or _to_float(dampening, "dampening") != 0):
+        raise ValueError("nesterov: Nesterov momentum requires a momentum and zero dampening")
+
+
+def _check_mask(m: Any, p: torch.Tensor) -> torch.Tensor:
+    """The mask as a bool tensor laid out like ``p`` (1 byte/param), after checking it."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"masks: expected tensors, got {type(m).__name__}")
+    if m.shape != p.shape:
+        raise ValueError(f"masks: expected a mask of the parameter's shape {tuple(p.shape)}, got "
+                         f"{tuple(m.shape)}")
+    if m.device != p.device:
+        raise ValueError(f"masks: expected a mask on the parameter's device {p.device}, got "
+                         f"{m.device}")
+    if m.dtype not in _MASK_DTYPES:
+        raise TypeError(f"masks: expected dtype bool, uint8 or floating, got {m.dtype}")
+    if m.dtype != torch.bool:
+        if bool(((m != 0) & (m != 1)).any()):
+            raise ValueError("masks: expected 0/1 values only (bool, uint8 or float)")
+    if m.dtype == torch.bool and m.stride() == p.stride():
+        return m.detach()
+    out = torch.empty_like(p, dtype=torch.bool)
+    out.copy_(m.detach() != 0)
+    return out

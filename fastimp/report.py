@@ -1,0 +1,164 @@
+"""``fastimp report DIR``: PNG figures (matplotlib, Agg) and a Markdown summary of an IMP run folder.
+
+The report is a list of sections. A section is ``fn(run, report_dir) -> str | None``: it reads what
+it needs from ``run`` (a :class:`fastimp.imp.Run`; analyses live in ``run.analysis_dir``), writes
+its PNGs into ``report_dir`` and returns Markdown (None = nothing to show). Register one with
+``register_section(fn, order=...)``; modules named in ``SECTION_MODULES`` are imported first so
+that their sections register themselves.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional
+
+# Imported (if present) before a report is written, so their register_section calls run.
+SECTION_MODULES = ["fastimp.landscape.report", "fastimp.hessian.report", "fastimp.theory"]
+
+
+@dataclass
+class Section:
+    name: str
+    fn: Callable
+    order: int
+
+
+_SECTIONS: List[Section] = []
+
+
+def register_section(fn: Callable = None, *, name: Optional[str] = None, order: int = 100):
+    """Add a report section (usable as ``@register_section`` or ``@register_section(order=50)``);
+    sections are written in increasing ``order`` (IMP curves: 0), re-registering a name replaces."""
+    def deco(f):
+        n = name or f.__name__
+        _SECTIONS[:] = [s for s in _SECTIONS if s.name != n]
+        _SECTIONS.append(Section(n, f, order))
+        return f
+    if fn is not None:
+        return deco(fn)
+    return deco
+
+
+def sections() -> List[Section]:
+    return sorted(_SECTIONS, key=lambda s: (s.order, s.name))
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+@register_section(order=0)
+def imp_curves(run, report_dir: Path) -> Optional[str]:
+    """Test error against weights remaining per rewind step (the paper's Fig. 11), log-x."""
+    summary = run.summary()
+    if not summary:
+        return None
+    plt = _plt()
+    taus = sorted({s["rewind_step"] for s in summary})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tau in taus:
+        rows = [s for s in summary if s["rewind_step"] == tau]
+        x = [100 * s["weights_remaining"] for s in rows]
+        y = [100 * s["test_error"] for s in rows]
+        yerr = [100 * (s["test_error_std"] or 0.0) for s in rows]
+        line = ax.errorbar(x, y, yerr=yerr, marker="o", ms=3, capsize=2,
+                           label=f"rewind step {tau}")
+        dense = rows[0]
+        if dense["level"] == 0 and dense["eps"] is not None:
+            ax.axhspan(100 * dense["dense_error"] - 100 * dense["eps"],
+                       100 * dense["dense_error"] + 100 * dense["eps"], alpha=0.12,
+                       color=line[0].get_color(),
+                       label=f"dense ± eps (rewind {tau})")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    lo = min(100 * s["weights_remaining"] for s in summary)
+    ticks = [t for t in (100, 64, 41, 26.2, 16.8, 10.7, 6.9, 4.4, 2.8, 1.8, 1.2, 0.7, 0.5, 0.3,
+                         0.2, 0.1) if t >= 0.9 * lo]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test error (%)")
+    c = run.config
+    ax.set_title(f"IMP-{c.strategy.upper()} ({c.pruning}) {c.model} / {c.dataset}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "imp_error.png", dpi=120)
+    plt.close(fig)
+
+    results = run.results()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tau in taus:
+        for r in sorted({row["replicate"] for row in results}):
+            rows = [row for row in results if row["rewind_step"] == tau and row["replicate"] == r]
+            ax.plot([row["level"] for row in rows], [row["projection_distance"] for row in rows],
+                    marker=".", label=f"rewind {tau}, replicate {r}")
+    ax.set_xlabel("level L")
+    ax.set_ylabel(r"$\|w^{(L)} - m^{(L+1)} \odot w^{(L)}\|_2$")
+    ax.set_title("distance of each pruning projection")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(report_dir / "imp_projection.png", dpi=120)
+    plt.close(fig)
+
+    lines = ["## IMP: test error against weights remaining", "",
+             f"Strategy IMP-{c.strategy.upper()}, {c.pruning} pruning of "
+             f"{c.pruning_fraction if isinstance(c.pruning_fraction, str) else _pct(c.pruning_fraction)}"
+             f" per level, {len(run.seeds)} replicate(s) (seeds {run.seeds}).", "",
+             "![test error](imp_error.png)", "",
+             "| rewind step | level | weights remaining | test error (mean ± std) | matching |",
+             "|---:|---:|---:|---:|:---:|"]
+    for s in summary:
+        std = f" ± {100 * s['test_error_std']:.2f}" if s["test_error_std"] is not None else ""
+        m = {True: "yes", False: "no", None: "n/a"}[s["matching"]]
+        lines.append(f"| {s['rewind_step']} | {s['level']} | {_pct(s['weights_remaining'])} | "
+                     f"{100 * s['test_error']:.2f}%{std} | {m} |")
+    eps_notes = sorted({(s["rewind_step"], s["eps"], s["eps_source"]) for s in summary
+                        if s["level"] == 0}, key=lambda t: t[0])
+    lines.append("")
+    for tau, eps, source in eps_notes:
+        lines.append(f"- rewind step {tau}: matching = error <= dense error + eps, eps = "
+                     + (f"{100 * eps:.2f}% ({source})" if eps is not None else f"n/a ({source})"))
+    lines += ["", "![projection distance](imp_projection.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder, out: Optional[str] = None) -> Path:
+    """Write ``report.md`` and its PNGs into ``out`` (default ``<run folder>/report``)."""
+    from fastimp.imp import load_run
+    run = load_run(folder)
+    for mod in SECTION_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not mod.startswith(exc.name):
+                raise
+    report_dir = Path(out) if out is not None else run.dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    c = run.config
+    parts = [f"# fastimp report: {run.dir.name}", "",
+             f"model `{c.model}`, dataset `{c.dataset}`, strategy `{c.strategy}`, "
+             f"rewind steps {run.rewind_steps}, levels 0..{c.levels}", ""]
+    for section in sections():
+        text = section.fn(run, report_dir)
+        if text:
+            parts.append(text.rstrip() + "\n")
+    path = report_dir / "report.md"
+    from fastimp.imp._io import _atomic
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("\n".join(parts))
+    _atomic(path, write)
+    return path
