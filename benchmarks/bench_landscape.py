@@ -9,6 +9,7 @@ work cannot go below it), with the rate each implementation reaches.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,11 @@ def _lean_loop(model, states_fn, K, data, device):
     return run
 
 
-def _case(table, name, model, shape, n_images, K_kind, G, device, repeat):
+def _case(table, name, model, shape, n_images, K_kind, G, device, repeat, sample_rows=None,
+          both=True):
+    """One case: the loop, fastimp's vmap and per-point paths (``both``, else only auto's).
+    ``sample_rows``: time the loop on that many rows of the G x G grid and scale to G rows (its
+    cost per point is constant; the full loop takes too long on a 2-core CPU)."""
     from fastimp.landscape import StateLayout, evaluate, gram_schmidt
     torch.manual_seed(0)
     model = model.eval()
@@ -71,20 +76,27 @@ def _case(table, name, model, shape, n_images, K_kind, G, device, repeat):
         return layout.state_dict(w, like=sd0)
 
     flops = _flops(copy.deepcopy(model).to(device), data[0][0]) * n_images / len(data[0][0]) * K
-    base = _lean_loop(model, states_fn, K, data, device)
+    K_loop = K if sample_rows is None or K_kind == "path" else min(K, sample_rows * G)
+    base = _lean_loop(model, states_fn, K_loop, data, device)
     warmup = 1 if K_kind == "path" else 0  # slices: one timed run each (minutes on the CPU)
     t_loop = timeit(base, device, warmup=warmup, repeat=repeat if K_kind == "path" else 1, min_time=0)
     note = lambda t: f"{flops / 1e9:.2f} GFLOP, {flops / t / 1e9:.1f} GFLOP/s"
-    table.add(case, "loop: state dict + load_state_dict + eval", t_loop, extra=note(t_loop))
+    t_loop *= K / K_loop
+    scaled = f"; timed on {K_loop // G} of {G} rows, scaled x{K / K_loop:.1f}" if K_loop < K else ""
+    table.add(case, "loop: state dict + load_state_dict + eval", t_loop, extra=note(t_loop) + scaled)
+    from fastimp.landscape.evaluate import auto_batching
+    auto = auto_batching(model, torch.device(device), len(data[0][1]))
     for batching, why in (("vmap", "one vmapped forward per chunk (bmm / grouped conv)"),
                           ("loop", "weight_points + functional_call per point, no copies")):
+        if not both and batching != auto:
+            continue
         fn = lambda: evaluate(model, w0, U, C, data, batching=batching, device=device)
         t = timeit(fn, device, warmup=warmup, repeat=repeat if K_kind == "path" else 1, min_time=0)
         table.add(case, f"fastimp batching={batching}", t,
                   baseline="loop: state dict + load_state_dict + eval", extra=f"{note(t)}; {why}")
-    from fastimp.landscape.evaluate import auto_batching
-    auto = auto_batching(model, torch.device(device), len(data[0][1]))
-    table.rows[-2 if auto == "vmap" else -1].impl += " (auto)"
+    for r in table.rows:
+        if r.case == case and r.impl == f"fastimp batching={auto}":
+            r.impl += " (auto)"
     sync(device)
 
 
@@ -93,26 +105,31 @@ def tables(device: str = "cpu", quick: bool = False):
     G = 11 if quick else 51
     repeat = 1 if quick else 2
     t = Table(f"landscape: K weight-space points, fastimp.landscape.evaluate vs the lean loop "
-              f"({device})")
+              f"({device})\n\nWhere the gain comes from: the loop copies every point's weights twice "
+              "(state dict, load_state_dict) and runs one forward per point and batch; fastimp "
+              "writes a chunk's weights once (weight_points) and, with vmap, runs one batched "
+              "forward per chunk: the matmuls of K models become one bmm, so small networks stop "
+              "being bound by per-op overhead. Conv2d under vmap becomes a grouped convolution "
+              "that replicates the input K times; on the CPU that pays only on small batches "
+              "(<= 64 examples), so auto takes the per-point path (same FLOPs, no copies) there.")
     mlp, conv = models.get("mnist1d_mlp", seed=0), models.get("mnist1d_conv", seed=0)
     r20 = models.get("resnet20", seed=0)
     n1d = 1000  # MNIST-1D's test set
     if device == "cpu":
-        r_path, r_slice = (32, 4) if quick else (512, 8)
+        r_path, r_slice = (32, 4) if quick else (256, 4)
     else:
         r_path, r_slice = (1000, 1000) if quick else (10000, 10000)
-    _case(t, "MNIST-1D MLP", mlp, (40,), n1d, "path", G, device, repeat)
-    _case(t, "MNIST-1D MLP", mlp, (40,), n1d, "slice", G, device, repeat)
-    _case(t, "MNIST-1D CNN", conv, (1, 40), n1d, "path", G, device, repeat)
-    _case(t, "MNIST-1D CNN", conv, (1, 40), n1d, "slice", G, device, repeat)
-    _case(t, "ResNet-20", r20, (3, 32, 32), r_path, "path", G, device, repeat)
-    _case(t, "ResNet-20", r20, (3, 32, 32), r_slice, "slice", G, device, repeat)
-    t.rows.append(type(t.rows[0])(
-        "where the gain comes from", "", 0.0, None,
-        "loop: every point copies its weights twice (state dict, load_state_dict) and runs one "
-        "forward per batch; fastimp writes each chunk's weights once (weight_points) and, with "
-        "vmap, runs one batched forward per chunk: matmuls of K models become one bmm, so small "
-        "networks stop being bound by per-op overhead. Conv2d under vmap becomes a grouped "
-        "convolution that replicates the input K times; on the CPU that pays only on small batches "
-        "(<= 64 examples), so auto picks the per-point path for larger ones (same FLOPs, no copies)."))
+    cpu_full = device == "cpu" and not quick
+    rows = 5 if cpu_full else None
+    cases = [("MNIST-1D MLP", mlp, (40,), n1d, "path", None, True),
+             ("MNIST-1D MLP", mlp, (40,), n1d, "slice", None, not cpu_full),
+             ("MNIST-1D CNN", conv, (1, 40), n1d, "path", None, True),
+             ("MNIST-1D CNN", conv, (1, 40), n1d, "slice", rows, not cpu_full),
+             ("ResNet-20", r20, (3, 32, 32), r_path, "path", None, True),
+             ("ResNet-20", r20, (3, 32, 32), r_slice, "slice", 3 if cpu_full else None,
+              not cpu_full)]
+    for name, model, shape, n, kind, sample_rows, both in cases:
+        _case(t, name, model, shape, n, kind, G, device, repeat, sample_rows, both)
+        if os.environ.get("FASTIMP_BENCH_VERBOSE"):
+            print("\n".join(t.render().splitlines()[-3:]), flush=True)
     return [t]

@@ -169,7 +169,7 @@ def _copy_bandwidth(nbytes: int, device, repeat: int) -> float:
 def tables(device: str, quick: bool) -> List[Table]:
     _backend._load_ops()
     models = ["resnet18"] if quick else ["resnet18", "resnet50"]
-    repeat = 5 if quick else 20
+    repeat = 5 if quick else 10
     title = "masked SGD step (momentum 0.9, wd 5e-4, fp32, 21 B/param floor)"
     if torch.device(device).type != "cpu":
         return [_table(device, models, repeat, f"{title} on {device}")]

@@ -6,10 +6,6 @@
 #include "fastimp.h"
 
 #include <cmath>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#include <ctime>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -94,14 +90,32 @@ void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, b
             for (int64_t i = ch.begin; i < ch.end; ++i) h[key(i) >> 16] += 1;
           }
         } else {
-          // Branch-free: a non-matching key counts into one of 16 spare bins past the end
-          // (a data-dependent branch here costs more than the whole pass).
-          for (int64_t i = ch.begin; i < ch.end; ++i) {
-            const uint32_t k = key(i);
-            const uint32_t live = s.m ? s.m[i] : 1u;
-            const uint32_t sel = 0u - (static_cast<uint32_t>((k >> 16) == hi) & live);
-            const uint32_t idx = ((k & 0xffffu) & sel) | ((kBins + (i & 15)) & ~sel);
-            h[idx] += 1;
+          // Keys of the selected high bin are rare: test 16 at a time without branches, and
+          // count a group with a match branch-free (a non-matching key goes to one of 16 spare
+          // bins past the end), which also stays fast when the bin is dense.
+          auto run = [&](auto live) {
+            int64_t i = ch.begin;
+            for (; i + 16 <= ch.end; i += 16) {
+              uint32_t any = 0;
+              for (int j = 0; j < 16; ++j)
+                any |= static_cast<uint32_t>((key(i + j) >> 16) == hi) & live(i + j);
+              if (!any) continue;
+              for (int j = 0; j < 16; ++j) {
+                const uint32_t k = key(i + j);
+                const uint32_t sel = 0u - (static_cast<uint32_t>((k >> 16) == hi) & live(i + j));
+                h[((k & 0xffffu) & sel) | ((kBins + j) & ~sel)] += 1;
+              }
+            }
+            for (; i < ch.end; ++i) {
+              const uint32_t k = key(i);
+              if ((k >> 16) == hi && live(i)) h[k & 0xffffu] += 1;
+            }
+          };
+          if (s.m) {
+            const uint8_t* m = s.m;
+            run([m](int64_t i) { return static_cast<uint32_t>(m[i]); });
+          } else {
+            run([](int64_t) { return 1u; });
           }
         }
       });
@@ -135,13 +149,21 @@ void write_masks(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
     for (int64_t c = 0; c < nc; ++c) {
       const Chunk& ch = chunks[c];
       const Seg& s = segs[ch.seg];
+      uint8_t* __restrict__ o = s.o;
+      const uint8_t* __restrict__ m = s.m;
+      const int64_t b = ch.begin, e = ch.end;
+      if (T < 0) {  // k = 0: the new mask is the old one
+        if (m) std::memcpy(o + b, m + b, static_cast<size_t>(e - b));
+        else std::memset(o + b, 1, static_cast<size_t>(e - b));
+        continue;
+      }
+      const uint32_t t = static_cast<uint32_t>(T);
       with_keys(s, [&](auto key) {
-        if (s.m) {
-          for (int64_t i = ch.begin; i < ch.end; ++i)
-            s.o[i] = static_cast<uint8_t>(s.m[i] & static_cast<uint8_t>(key(i) > T));
+        if (m) {
+          for (int64_t i = b; i < e; ++i)
+            o[i] = static_cast<uint8_t>(m[i] & static_cast<uint8_t>(key(i) > t));
         } else {
-          for (int64_t i = ch.begin; i < ch.end; ++i)
-            s.o[i] = static_cast<uint8_t>(static_cast<int64_t>(key(i)) > T);
+          for (int64_t i = b; i < e; ++i) o[i] = static_cast<uint8_t>(key(i) > t);
         }
       });
     }
@@ -235,12 +257,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cpu(
   }
   FASTIMP_CHECK_ARG(total < (int64_t(1) << 32), "weights", "fewer than 2^32 weights in all");
 
-  auto PT = []() { timespec ts; clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts); return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6; };
-  const bool prof = std::getenv("FASTIMP_MT_PROFILE") != nullptr;
-  double t0 = PT();
   std::vector<int64_t> hist;
   histogram(segs, chunks, false, 0, hist);
-  double t1 = PT();
   int64_t n = 0, nonfinite = 0;
   for (int b = 0; b < kBins; ++b) {
     n += hist[b];
@@ -256,15 +274,11 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cpu(
   }
   int64_t k_rem = 0;
   const uint32_t b1 = static_cast<uint32_t>(select_bin(hist, k, k_rem));
-  double t2 = PT();
   histogram(segs, chunks, true, b1, hist);
-  double t3 = PT();
   int64_t t_rem = 0;
   const uint32_t b2 = static_cast<uint32_t>(select_bin(hist, k_rem, t_rem));
   const int64_t thr = static_cast<int64_t>((b1 << 16) | b2);
   write_masks(segs, chunks, thr, t_rem == hist[b2] ? -1 : t_rem);
-  double t4 = PT();
-  if (prof) std::printf("setup+h1 %.1f sel %.1f h2 %.1f write %.1f ms\n", t1 - t0, t2 - t1, t3 - t2, t4 - t3);
   return {n, k, thr, 0};
 }
 

@@ -167,7 +167,9 @@ void check_same_layout(const at::Tensor& t, const at::Tensor& p, const char* nam
   FASTIMP_CHECK_ARG(t.device() == p.device(), name,
                     "tensor " + std::to_string(i) + " on the device of its param (" +
                         p.device().str() + "), got " + t.device().str());
-  FASTIMP_CHECK_ARG(t.sizes() == p.sizes() && t.strides() == p.strides(), name,
+  FASTIMP_CHECK_ARG(t.sizes() == p.sizes() && (t.strides() == p.strides() ||
+                                                (t.is_contiguous() && p.is_contiguous())),
+                    name,
                     "tensor " + std::to_string(i) + " with the shape and strides of its param");
   if (same_dtype) {
     FASTIMP_CHECK_ARG(t.scalar_type() == p.scalar_type(), name,

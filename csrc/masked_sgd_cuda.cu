@@ -94,6 +94,13 @@ masked_sgd_kernel(const int64_t* __restrict__ tensors, const int64_t* __restrict
   }
 }
 
+// Same elements in the same memory order as p (equal strides, or both contiguous: size-1 dims
+// may carry any stride).
+bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  return t.sizes() == p.sizes() &&
+         (t.strides() == p.strides() || (t.is_contiguous() && p.is_contiguous()));
+}
+
 void check(bool cond, const char* name, const std::string& what) {
   TORCH_CHECK_VALUE(cond, "fastimp: argument '", name, "': expected ", what);
 }
@@ -127,22 +134,20 @@ void masked_sgd_cuda(const std::vector<at::Tensor>& params, const std::vector<at
           "tensors of one device and dtype (" + idx + " differs)");
     check(p.is_non_overlapping_and_dense(), "params", "dense, non-overlapping tensors");
     const at::Tensor& g = grads[i];
-    check(g.device() == device && g.scalar_type() == dtype && g.sizes() == p.sizes() &&
-              g.strides() == p.strides(),
+    check(g.device() == device && g.scalar_type() == dtype && same_layout(g, p),
           "grads", idx + " with the device, dtype, shape and strides of its param");
     int64_t bp = 0, mp = 0;
     if (has_mom) {
       check(bufs[i].has_value(), "bufs", "a buffer for every param when momentum != 0");
       const at::Tensor& b = *bufs[i];
-      check(b.device() == device && b.scalar_type() == dtype && b.sizes() == p.sizes() &&
-                b.strides() == p.strides(),
+      check(b.device() == device && b.scalar_type() == dtype && same_layout(b, p),
             "bufs", idx + " with the device, dtype, shape and strides of its param");
       bp = reinterpret_cast<int64_t>(b.data_ptr());
     }
     if (masks[i].has_value()) {
       const at::Tensor& m = *masks[i];
       check(m.device() == device && (m.scalar_type() == at::kBool || m.scalar_type() == at::kByte) &&
-                m.sizes() == p.sizes() && m.strides() == p.strides(),
+                same_layout(m, p),
             "masks", idx + " of dtype bool/uint8 with the device, shape and strides of its param");
       mp = reinterpret_cast<int64_t>(m.data_ptr());
     }

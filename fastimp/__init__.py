@@ -21,9 +21,14 @@ _LAZY = {
     "TrainConfig": "fastimp.training",
     "IMPConfig": "fastimp.imp",
     "load_run": "fastimp.imp",
+    "Hessian": "fastimp.hessian",
+    "intersection_threshold": "fastimp.theory",
+    "max_pruning_ratio": "fastimp.theory",
+    "adaptive_pruning_ratio": "fastimp.theory",
 }
 _SUBMODULES = ("ops", "kernels", "optim", "masks", "weight_space", "pruning", "models", "data",
-               "durations", "training", "imp", "presets", "landscape", "hessian", "theory", "report", "cli")
+               "durations", "training", "imp", "presets", "landscape", "hessian", "theory",
+               "report", "cli")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

@@ -211,7 +211,7 @@ class Masks(Mapping):
     # --- save / load --------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write atomically (temp file + ``os.replace``): safetensors, or ``torch.save`` for a path
-        ending in ``.pt``/``.pth``."""
+        ending in ``.pt``/``.pth`` (or when safetensors is not installed)."""
         path = os.fspath(path)
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
@@ -219,10 +219,13 @@ class Masks(Mapping):
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-masks-", suffix=os.path.basename(path))
         os.close(fd)
         try:
-            if path.endswith((".pt", ".pth")):
+            try:
+                from safetensors.torch import save_file
+            except ImportError:  # safetensors is optional: torch.save, which load() also reads
+                save_file = None
+            if path.endswith((".pt", ".pth")) or save_file is None:
                 torch.save({"format": _FORMAT, "names": list(tensors), "masks": tensors}, tmp)
             else:
-                from safetensors.torch import save_file
                 save_file(tensors, tmp, metadata={"format": _FORMAT,
                                                   "names": json.dumps(list(tensors))})
             os.replace(tmp, path)

@@ -50,6 +50,8 @@ class MaskedSGD(Optimizer):
             ``weight_decay = wd / initial_lr`` to reproduce it.)
         backend: ``"auto"`` (fastest available per device) or ``"torch"``, ``"cpu"``,
             ``"cuda"``, ``"triton"`` (see ``fastimp.backends()``).
+        foreach, fused: accepted and ignored (torch.optim.SGD's; every step here is fused).
+        differentiable: only False.
 
     Masks live in the optimizer state (``state[p]["mask"]``, bool), so ``state_dict()`` /
     ``load_state_dict()`` round-trip them. ``set_masks`` does not touch the weights: the next
@@ -60,8 +62,14 @@ class MaskedSGD(Optimizer):
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
                  maximize: bool = False, masks: Optional[Mapping] = None,
-                 decoupled_weight_decay: bool = False, backend: str = "auto") -> None:
+                 decoupled_weight_decay: bool = False, backend: str = "auto",
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None,
+                 differentiable: bool = False) -> None:
         _check_hparams(lr, momentum, dampening, weight_decay, nesterov)
+        if differentiable:
+            raise ValueError("differentiable: MaskedSGD steps are not differentiable; use "
+                             "torch.optim.SGD(differentiable=True)")
+        del foreach, fused  # accepted for drop-in compatibility: every step is one fused pass
         from fastimp._backend import BACKENDS
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")

@@ -9,7 +9,7 @@ Only unmasked weights are looked at: pruned weights may hold any value.
 """
 from __future__ import annotations
 
-
+import numbers
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -23,7 +23,7 @@ WeightsLike = Union[nn.Module, Mapping]
 
 
 def _check_fraction(fraction, fn: str) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) and not (
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) and not (
             isinstance(fraction, torch.Tensor) and fraction.numel() == 1):
         raise TypeError(f"{fn}: argument 'fraction': expected a number in [0, 1), got "
                         f"{type(fraction).__name__}")
@@ -152,4 +152,3 @@ def prune_random(model_or_weights: WeightsLike, fraction: float, masks=None,
 
 
 __all__ = ["prune_magnitude", "prune_random"]
-

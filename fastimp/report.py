@@ -1,4 +1,4 @@
-"""``fastimp report DIR``: PNG figures (matplotlib, Agg) and a Markdown summary of an IMP run folder.
+"""``fastimp report DIR``: PNG figures (matplotlib, Agg) and a Markdown summary of an IMP run.
 
 The report is a list of sections. A section is ``fn(run, report_dir) -> str | None``: it reads what
 it needs from ``run`` (a :class:`fastimp.imp.Run`; analyses live in ``run.analysis_dir``), writes
@@ -112,9 +112,10 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
     fig.savefig(report_dir / "imp_projection.png", dpi=120)
     plt.close(fig)
 
+    pf = c.pruning_fraction
     lines = ["## IMP: test error against weights remaining", "",
              f"Strategy IMP-{c.strategy.upper()}, {c.pruning} pruning of "
-             f"{c.pruning_fraction if isinstance(c.pruning_fraction, str) else _pct(c.pruning_fraction)}"
+             f"{pf if isinstance(pf, str) else _pct(pf)}"
              f" per level, {len(run.seeds)} replicate(s) (seeds {run.seeds}).", "",
              "![test error](imp_error.png)", "",
              "| rewind step | level | weights remaining | test error (mean ± std) | matching |",

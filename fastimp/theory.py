@@ -16,7 +16,7 @@ bulk and small negative curvature, and SLQ's nodes near 0 scatter to either side
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 

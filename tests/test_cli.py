@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _fastimp(*args, cwd=None):
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fastimp(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "fastimp", *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=600)
@@ -87,3 +91,17 @@ def test_report_sections_are_extensible(tmp_path):
     text = path.read_text()
     assert seen == [run.dir] and "## Extra section" in text
     assert text.index("## IMP") < text.index("## Extra section")
+
+
+def test_imp_arguments_become_overrides():
+    from fastimp.cli import build_parser
+    from fastimp.cli.imp import _config
+    parse = build_parser().parse_args
+    c = _config(parse(["imp", "--preset", "cifar10-resnet20", "--out", "x", "--rewind-step", "0",
+                       "2000it", "train.lr=0.05", "--seeds", "3", "5", "--strategy", "lrr",
+                       "--levels", "4", "--pruning", "random"]))
+    assert (c.rewind_steps, c.replicate_seeds, c.train.lr, c.strategy, c.levels, c.pruning) == \
+        ([0, 2000], [3, 5], 0.05, "lrr", 4, "random")
+    assert c.train.total_steps(390) == 62400  # the rest of the preset is kept
+    c = _config(parse(["imp", "--preset", "mnist1d", "--out", "x", "--replicates", "5"]))
+    assert c.replicate_seeds == [0, 1, 2, 3, 4]

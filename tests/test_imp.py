@@ -56,11 +56,11 @@ def record_train(monkeypatch):
 # --------------------------------------------------------------------------- definitions
 def test_level_plan_definitions():
     tau, n = 5, 100
-    for s in ("wr", "lrr", "ft"):  # level 0 = dense training from the rewind point: A_tau(w_tau, T - tau)
+    for s in ("wr", "lrr", "ft"):  # level 0 = dense training from w_tau: A_tau(w_tau, T - tau)
         assert level_plan(s, 0, tau, n) == imp.LevelPlan(REWIND, tau, n)
-    assert level_plan("wr", 3, tau, n) == imp.LevelPlan(REWIND, tau, n)       # A_tau(m.w_tau, T-tau)
-    assert level_plan("lrr", 3, tau, n) == imp.LevelPlan(PREVIOUS, 0, n)      # A_0(m.w^(L-1), T)
-    assert level_plan("ft", 3, tau, n) == imp.LevelPlan(PREVIOUS, n, 2 * n)   # A_T(m.w^(L-1), T)
+    assert level_plan("wr", 3, tau, n) == imp.LevelPlan(REWIND, tau, n)  # A_tau(m.w_tau, T-tau)
+    assert level_plan("lrr", 3, tau, n) == imp.LevelPlan(PREVIOUS, 0, n)  # A_0(m.w^(L-1), T)
+    assert level_plan("ft", 3, tau, n) == imp.LevelPlan(PREVIOUS, n, 2 * n)  # A_T(m.w^(L-1), T)
     assert level_plan("ft", 3, tau, n).steps == n
     with pytest.raises(ValueError, match="strategy"):
         level_plan("xx", 1, 0, n)
@@ -252,12 +252,14 @@ def test_config_validation_and_overrides():
     assert cfg.replace(levels=9, rewind_steps=[5], seeds=[4], device="cuda").hash() == cfg.hash()
     c = cfg.with_overrides(["train.lr=0.5", "strategy=ft", "rewind_steps=0,250",
                             "pruning_fraction=0.3", "train.milestones=[5,6]"])
-    assert (c.train.lr, c.strategy, c.rewind_steps, c.pruning_fraction) == (0.5, "ft", [0, 250], 0.3)
+    assert (c.train.lr, c.strategy, c.rewind_steps, c.pruning_fraction) == \
+        (0.5, "ft", [0, 250], 0.3)
     assert c.train.milestones == (5, 6)
     assert cfg.with_overrides(["rewind_steps=2000it"]).rewind_steps == [2000]
     assert IMPConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     for bad, match in [(["train.nope=1"], "train.nope"), (["nokey"], "key=value"),
-                       (["strategy=xyz"], "strategy"), (["pruning_fraction=1.5"], "pruning_fraction"),
+                       (["strategy=xyz"], "strategy"),
+                       (["pruning_fraction=1.5"], "pruning_fraction"),
                        (["pruning=l1"], "pruning"), (["levels=-1"], "levels"),
                        (["rewind_steps=3ep"], "rewind_steps")]:
         with pytest.raises(ValueError, match=match):

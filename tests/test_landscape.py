@@ -335,3 +335,12 @@ def test_empty_and_iterator_data():
     once = evaluate(m, w, w[None], torch.tensor([[0.0], [0.5]]), iter(data), chunk_size=1)
     twice = evaluate(m, w, w[None], torch.tensor([[0.0], [0.5]]), data, chunk_size=1)
     assert torch.equal(once.loss, twice.loss)
+
+
+@pytest.mark.gpu
+def test_cuda_equals_cpu():
+    a, b = _trained_like(_cnn, 30, (3, 6, 6)), _trained_like(_cnn, 31, (3, 6, 6))
+    data = _data((3, 6, 6))
+    cpu = error_barrier(a, a, b, data, betas=[-0.5, 0.5, 1.5])
+    gpu = error_barrier(a, a, b, data, betas=[-0.5, 0.5, 1.5], device="cuda")
+    torch.testing.assert_close(gpu.loss, cpu.loss, rtol=1e-4, atol=1e-4)

@@ -201,3 +201,16 @@ def test_cuda_backends_match_reference(dtype):
                 assert_close_scaled(dev[0][i].cpu(), pe, dtype, f"{backend} param {i}")
                 if be is not None:
                     assert_close_scaled(dev[2][i].cpu(), be, dtype, f"{backend} buf {i}")
+
+
+@pytest.mark.parametrize("backend", available())
+def test_size_one_dims_may_carry_any_stride(backend):
+    p = torch.randn(1, 5)
+    g = torch.empty_strided((1, 5), (1, 1)).copy_(torch.randn(1, 5))  # contiguous, other stride
+    m = torch.tensor([[True, False, True, True, False]])
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+              maximize=False, decoupled=False)
+    pe, be = ref64(p, g, None, m, True, **kw)
+    bufs = ms.masked_sgd_([p], [g], None, [m], backend=backend, **kw)
+    assert_close_scaled(p, pe, torch.float32, "param")
+    assert_close_scaled(bufs[0], be, torch.float32, "buf")

@@ -43,12 +43,14 @@ def _reference_step(sgd, params, masks, decoupled_wd, lr):
                 buf.mul_(masks[p])
 
 
-def run_pair(config, backend, sizes, steps, seed=0, mask_dtype=torch.bool, drop_grads=True):
+def run_pair(config, backend, sizes, steps, seed=0, mask_dtype=torch.bool, drop_grads=True,
+             device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    init = _params(sizes, gen)
+    init = [t.to(device) for t in _params(sizes, gen)]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
-    raw = {i: (torch.rand(s, generator=gen) > 0.35) for i, s in enumerate(sizes) if i % 3 != 2}
+    raw = {i: (torch.rand(s, generator=gen) > 0.35).to(device) for i, s in enumerate(sizes)
+           if i % 3 != 2}
     masks_ours = {ours[i]: m.to(mask_dtype) for i, m in raw.items()}
     masks_theirs = {theirs[i]: m.float() for i, m in raw.items()}
     cfg = dict(config)
@@ -60,7 +62,7 @@ def run_pair(config, backend, sizes, steps, seed=0, mask_dtype=torch.bool, drop_
     sgd = torch.optim.SGD(theirs, lr=lr, foreach=False, **cfg)
     for step in range(steps):
         for i, s in enumerate(sizes):
-            g = torch.randn(s, generator=gen)
+            g = torch.randn(s, generator=gen).to(device)
             # some params get no grad on some steps (their buffers must stay untouched)
             skip = drop_grads and (i + step) % 5 == 0
             ours[i].grad = None if skip else g.clone()
@@ -98,6 +100,17 @@ def test_trajectory_equals_torch_sgd_then_mask(backend, config):
         buf = opt.state[p].get("momentum_buffer")
         if buf is not None:
             assert bool((buf[~m] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+def test_trajectory_on_gpu(backend, config):
+    if backend != "auto" and not _backend.status("masked_sgd", backend, "cuda"):
+        pytest.skip(f"{backend} backend not available on cuda")
+    sizes = [(0,), (1,), (3, 5), (37,), (129, 7), (70000,), (64, 3, 3, 3)]
+    opt, sgd, ours, theirs = run_pair(CONFIGS[config], backend, sizes, 200, device="cuda")
+    assert_trajectory_close(opt, sgd, ours, theirs, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float32, torch.float16])
@@ -404,3 +417,11 @@ def test_sparse_and_complex_rejected():
     p.grad = torch.randn(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="grad"):
         opt.step()
+
+
+def test_accepts_torch_sgd_only_keywords():
+    p = torch.nn.Parameter(torch.randn(3))
+    MaskedSGD([p], lr=0.1, foreach=True)
+    MaskedSGD([p], lr=0.1, fused=False)
+    with pytest.raises(ValueError, match="differentiable"):
+        MaskedSGD([p], lr=0.1, differentiable=True)

@@ -31,7 +31,8 @@ def test_paper_presets_match_appendix_b(name):
     assert (c.model, c.dataset) == (want["model"], want["dataset"])
     assert t.batch_size == want["batch_size"]
     assert t.total_steps(391) == t.total_steps(390) == want["steps"]  # given in iterations
-    assert (t.lr, t.momentum, t.weight_decay) == (want["lr"], want["momentum"], want["weight_decay"])
+    assert (t.lr, t.momentum, t.weight_decay) == \
+        (want["lr"], want["momentum"], want["weight_decay"])
     assert t.schedule == want["schedule"] and t.decoupled_weight_decay == want["decoupled"]
     assert t.milestone_steps(391) == want["milestones"]
     if want["gamma"] is not None:

@@ -207,3 +207,64 @@ def test_adaptive_pruning_ratio_with_existing_masks():
         theory.adaptive_pruning_ratio(model, solution, masks, data, 1.0, floor=1.5)
     with pytest.raises(ValueError, match="threshold"):
         theory.adaptive_pruning_ratio(model, solution, masks, data, float("nan"))
+
+
+# -- the commands on a tiny IMP run: `fastimp hessian` and `fastimp prune-scan` (Fig. 5) --------
+
+def test_hessian_and_prune_scan_commands(tmp_path, monkeypatch):
+    pytest.importorskip("fastimp.imp")
+    import json
+
+    from fastimp import imp
+    from fastimp.cli import main
+    from fastimp.imp import IMPConfig
+    from fastimp.training import TrainConfig
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train = TrainConfig(steps=24, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                            schedule="step", milestones=(12, 18), gamma=0.1)
+        cfg = IMPConfig(model="mnist1d_mlp", dataset="mnist1d", train=train, levels=1,
+                        rewind_steps=[0], replicates=1, model_kwargs={"hidden": [16]})
+        run = imp.run(cfg, tmp_path, progress=False, eps=0.05)
+        d = str(run.dir)
+        assert main(["hessian", d, "--level", "1", "--iterations", "24", "--runs", "2",
+                     "--trace-samples", "8", "--subset", "500", "--batch-size", "500",
+                     "--top-n", "3"]) == 0
+        out = run.analysis_dir / "hessian" / "level_1_rewind_0_rep_0"
+        h = json.loads((out / "hessian.json").read_text())
+        masks = run.mask(1)
+        n_params = sum(p.numel() for p in run.build_model().parameters())
+        assert h["D_A"] == n_params - (masks.total() - masks.remaining())
+        assert len(h["eigenvalues"]) == 3 and h["eigenvalues"] == sorted(h["eigenvalues"])[::-1]
+        f_max = np.asarray(h["curve"]["f_max"])
+        assert f_max[0] == pytest.approx(1.0) and np.all(np.diff(f_max) <= 1e-12)
+        assert h["eps"] > 0 and 0 <= h["f_max_magnitude_projection"] <= 1
+        dens = SpectralDensity.load(out / "density.npz")
+        assert dens.D_A == h["D_A"] and dens.nodes.shape == (2, 24)
+        assert max(h["eigenvalues"]) == pytest.approx(dens.nodes.max(), rel=1e-2)
+        for png in ("density.png", "threshold.png"):
+            assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+        assert main(["prune-scan", d, "--level", "1", "--ratios", "0.3,0.7"]) == 0
+        scan_json = run.analysis_dir / "prune-scan" / "level_1_rewind_0_rep_0.json"
+        scan = json.loads(scan_json.read_text())
+        assert {(e["method"], e["ratio"]) for e in scan["results"]} == {
+            (m, f) for m in ("magnitude", "random") for f in (0.3, 0.7)}
+        for e in scan["results"]:
+            assert e["R_projection"] > 0 and e["R_retrained"] > 0
+            assert e["matching"] == (e["test_error"] <= scan["dense_error"] + 0.05)
+        mag = {e["ratio"]: e["R_projection"] for e in scan["results"] if e["method"] == "magnitude"}
+        rnd = {e["ratio"]: e["R_projection"] for e in scan["results"] if e["method"] == "random"}
+        assert mag[0.3] < mag[0.7] and mag[0.3] < rnd[0.3]   # magnitude pruning moves least
+        assert scan_json.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+        # resumable: finished retrainings are not repeated
+        from fastimp.imp.folder import Run
+
+        def no_retrain(*a, **k):
+            raise AssertionError("retrained a finished ratio")
+        monkeypatch.setattr(Run, "retrain", no_retrain)
+        assert main(["prune-scan", d, "--level", "1", "--ratios", "0.3,0.7"]) == 0
+        assert main(["prune-scan", d, "--level", "1", "--ratios", "0,2"]) == 2   # bad input
+    finally:
+        torch.set_num_threads(n_threads)

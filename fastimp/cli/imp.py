@@ -8,7 +8,8 @@ def add_parser(sub):
         description="Run (or resume: finished levels are skipped) IMP into OUT/imp_<hash>/. "
                     "Overrides are key=value on the IMPConfig, e.g. train.lr=0.05 "
                     "train.steps=3000it pruning=random levels=5.")
-    p.add_argument("--preset", required=True, help="cifar10-resnet20, cifar100-resnet18, imagenet-resnet50 (Appendix B) or "
+    p.add_argument("--preset", required=True,
+                   help="cifar10-resnet20, cifar100-resnet18, imagenet-resnet50 (Appendix B) or "
                         "mnist1d (small CPU default)")
     p.add_argument("--out", required=True, help="output folder; the run goes to OUT/imp_<hash>/")
     p.add_argument("--rewind-step", dest="rewind_steps", type=str, nargs="+", default=None,
@@ -47,7 +48,7 @@ def _config(args):
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.seeds is not None:
-        overrides.append("seeds=" + ",".join(str(s) for s in args.seeds))
+        overrides.append("seeds=[" + ",".join(str(s) for s in args.seeds) + "]")
     if args.replicates is not None and args.seeds is None:
         overrides.append("seeds=null")
     return apply_overrides(config, overrides)

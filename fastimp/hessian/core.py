@@ -3,7 +3,6 @@ shaped like PyHessian's ``hessian`` class (Yao et al. 2020) and restricted to a 
 subspace."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -68,7 +67,8 @@ class Hessian:
             return self.op.matvec(v)
 
     def eigenvalues(self, top_n: int = 1, max_iter: int = 100, tol: float = 1e-3,
-                    seed: Optional[int] = None) -> Tuple[List[float], List[Dict[str, torch.Tensor]]]:
+                    seed: Optional[int] = None
+                    ) -> Tuple[List[float], List[Dict[str, torch.Tensor]]]:
         """The ``top_n`` largest (algebraic) eigenvalues, descending, and their eigenvectors
         (dicts name -> tensor shaped like the parameter, zero on pruned coordinates), by Lanczos
         with full reorthogonalization from a random start, at most ``max_iter`` steps (one pass

@@ -57,8 +57,9 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, st
     """Run ``steps`` Lanczos steps from each row of ``v0`` [k, n] (normalized here), with one
     ``matvec`` of all k vectors per step. ``callback(j, alphas [k, j], betas [k, j])`` after step
     j (1-based; ``betas[:, j-1]`` is the residual norm); returning True stops early. When a run's
-    Krylov space is exhausted (beta ≈ 0) it continues from a fresh random vector orthogonal to its basis with beta = 0, so T decouples into blocks
-    and the start vector's quadrature weights on the new block are exactly 0."""
+    Krylov space is exhausted (beta ≈ 0) it continues from a fresh random vector orthogonal to its
+    basis with beta = 0, so T decouples into blocks and the start vector's quadrature weights on
+    the new block are exactly 0."""
     k, n = v0.shape
     steps = int(min(steps, n))
     Q = v0.new_empty(k, steps, n)

@@ -30,12 +30,14 @@ def _default_train():
 class IMPConfig:
     """Algorithm 1 of the paper (Section 2) with its retraining strategies.
 
-    ``levels`` pruning rounds follow level 0 (dense), so levels 0..``levels`` are trained and the last
-    has ``alpha**levels`` of the prunable weights (alpha = 1 - ``pruning_fraction``).
-    ``strategy``: ``"wr"`` w^(L) = A_tau(m^(L) . w_tau, T - tau); ``"lrr"`` w^(L) = A_0(m^(L) . w^(L-1), T);
-    ``"ft"`` w^(L) = A_T(m^(L) . w^(L-1), T) (level 0 is A_tau(w_tau, T - tau) for all three).
+    ``levels`` pruning rounds follow level 0 (dense), so levels 0..``levels`` are trained and the
+    last has ``alpha**levels`` of the prunable weights (alpha = 1 - ``pruning_fraction``).
+    ``strategy``: ``"wr"`` w^(L) = A_tau(m^(L) . w_tau, T - tau); ``"lrr"``
+    w^(L) = A_0(m^(L) . w^(L-1), T); ``"ft"`` w^(L) = A_T(m^(L) . w^(L-1), T) (level 0 is
+    A_tau(w_tau, T - tau) for all three).
     ``pruning_fraction``: 1 - alpha per level, or ``"adaptive"`` (Appendix F, via
-    ``fastimp.theory.adaptive_pruning_ratio``). ``pruning``: ``"magnitude"`` or the ``"random"`` control.
+    ``fastimp.theory.adaptive_pruning_ratio``). ``pruning``: ``"magnitude"`` or the ``"random"``
+    control.
     ``seeds[r]`` seeds replicate r (initialization and data order); default ``range(replicates)``.
     ``threads``: torch intra-op threads during the run (None: torch's default; 1 is much faster for
     tiny CPU models on a busy machine). ``levels``, ``rewind_steps``, ``replicates``, ``seeds``,
@@ -79,7 +81,8 @@ class IMPConfig:
                     raise ValueError("IMPConfig.pruning_fraction: expected a float in (0, 1) or "
                                      f"'adaptive', got {self.pruning_fraction!r}") from None
         if not isinstance(pf, str):
-            if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0.0 < float(pf) < 1.0:
+            if isinstance(pf, bool) or not isinstance(pf, (int, float)) \
+                    or not 0.0 < float(pf) < 1.0:
                 raise ValueError("IMPConfig.pruning_fraction: expected a float in (0, 1) or "
                                  f"'adaptive', got {self.pruning_fraction!r}")
             pf = float(pf)
@@ -87,13 +90,14 @@ class IMPConfig:
         if self.pruning not in PRUNINGS:
             raise ValueError(f"IMPConfig.pruning: expected one of {PRUNINGS}, got {self.pruning!r}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"IMPConfig.strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+            raise ValueError(f"IMPConfig.strategy: expected one of {STRATEGIES}, "
+                             f"got {self.strategy!r}")
         if isinstance(self.rewind_steps, (int, str)) and not isinstance(self.rewind_steps, bool):
             self.rewind_steps = [self.rewind_steps]
         steps = [_rewind_step(s) for s in self.rewind_steps]
         if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
-            raise ValueError("IMPConfig.rewind_steps: expected a non-empty list of step counts >= 0, "
-                             f"got {self.rewind_steps!r}")
+            raise ValueError("IMPConfig.rewind_steps: expected a non-empty list of step counts "
+                             f">= 0, got {self.rewind_steps!r}")
         self.rewind_steps = sorted(set(steps))
         if self.seeds is not None:
             seeds = list(self.seeds)
@@ -107,7 +111,8 @@ class IMPConfig:
             raise ValueError(f"IMPConfig.replicates: expected an int >= 1, got {self.replicates!r}")
         if self.threads is not None and (isinstance(self.threads, bool)
                                          or not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"IMPConfig.threads: expected None or an int >= 1, got {self.threads!r}")
+            raise ValueError(f"IMPConfig.threads: expected None or an int >= 1, "
+                             f"got {self.threads!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"IMPConfig.device: expected a device string, got {self.device!r}")
         return self
@@ -247,8 +252,9 @@ def apply_overrides(config, overrides: Sequence[str]):
         if isinstance(target, dict):
             target[name] = _parse_value(text, target.get(name))
             continue
-        if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            known = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else []
+        is_dc = dataclasses.is_dataclass(target)
+        if not is_dc or name not in {f.name for f in dataclasses.fields(target)}:
+            known = sorted(f.name for f in dataclasses.fields(target)) if is_dc else []
             raise ValueError(f"override {item!r}: unknown key {key!r}"
                              + (f"; known here: {known}" if known else ""))
         setattr(target, name, _parse_value(text, getattr(target, name)))

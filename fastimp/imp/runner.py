@@ -103,7 +103,8 @@ def _merge_config(folder: Path, config: IMPConfig) -> IMPConfig:
     old = IMPConfig.from_dict(load_json(path))
     if old.hashed_dict() != config.hashed_dict():
         raise ValueError(f"{folder} holds a run with different hyperparameters (hash collision?)")
-    seeds = old.replicate_seeds + [s for s in config.replicate_seeds if s not in old.replicate_seeds]
+    seeds = old.replicate_seeds + [s for s in config.replicate_seeds
+                                   if s not in old.replicate_seeds]
     return config.replace(rewind_steps=sorted(set(old.rewind_steps) | set(config.rewind_steps)),
                           seeds=seeds, levels=max(old.levels, config.levels))
 
@@ -152,8 +153,7 @@ class _Context:
         return models.get(self.config.model, num_classes=self.dataset.num_classes,
                           seed=self.train_cfg.init_seed, **self.config.model_kwargs)
 
-    def train(self, model, masks, start_step, end_step, checkpoint_path=None, extra_on_step=None,
-              desc=None):
+    def train(self, model, masks, start_step, end_step, checkpoint_path=None, extra_on_step=None):
         from fastimp import training
         callbacks = [cb for cb in (extra_on_step, self.on_step) if cb is not None]
 

@@ -89,7 +89,8 @@ def _memory_budget(device: torch.device) -> int:
 
 
 def _activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of every module output for one point on batch ``x`` (a probe forward)."""
+    """Bytes of every module output for one point on batch ``x``: a probe forward on two
+    examples, scaled linearly to the batch."""
     total = [0]
 
     def hook(_m, _i, out):
@@ -97,13 +98,14 @@ def _activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
             total[0] += out.numel() * out.element_size()
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    probe = x[:2]
     try:
         with torch.no_grad():
-            model(x)
+            model(probe)
     finally:
         for h in hs:
             h.remove()
-    return total[0] + x.numel() * x.element_size()
+    return (total[0] * len(x)) // max(len(probe), 1) + x.numel() * x.element_size()
 
 
 def auto_chunk_size(model: nn.Module, layout: StateLayout, x: torch.Tensor, K: int,

@@ -141,6 +141,7 @@ register_op("masked_sgd", {"torch": reference, "cpu": _cpu, "cuda": _cuda, "trit
             ext_symbols={"cpu": "masked_sgd_cpu", "cuda": "masked_sgd_cuda"})
 
 
+@torch.no_grad()
 def masked_sgd_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 masks: Optional[Sequence[Optional[torch.Tensor]]] = None, *, lr: float,
