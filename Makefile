@@ -22,7 +22,10 @@ build: $(EXT_STAMP)
 
 $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
 	mkdir -p build
+	rm -f fastimp/_C*.so
 	$(PY) setup.py -q build_ext --inplace
+	@# the extension is optional for users, so setup.py only warns when it fails to build: check here
+	$(PY) -c 'from fastimp import _ext; assert _ext._C is not None, _ext.error; print("fastimp._C built; CUDA kernels:", _ext.cuda_compiled())'
 	touch $@
 
 test: build

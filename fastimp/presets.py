@@ -75,7 +75,9 @@ def imagenet_resnet50() -> IMPConfig:
     return IMPConfig(
         model="resnet50", dataset="imagenet",
         train=_train(steps="15970it", batch_size=2048, lr=2.048, momentum=0.875,
-                     weight_decay=5e-4, decoupled_weight_decay=True, schedule="cosine",
+                     # Composer's DecoupledSGDW (the paper's trainer) decays by
+                     # (lr / initial_lr) * 5e-4; MaskedSGD's decoupled decay is lr * wd.
+                     weight_decay=5e-4 / 2.048, decoupled_weight_decay=True, schedule="cosine",
                      milestones=(), warmup_steps="5000it", drop_last=True),
         levels=12, pruning_fraction=0.2, pruning="magnitude", strategy="wr",
         rewind_steps=[0, 1250, 5000], replicates=4, device="auto")

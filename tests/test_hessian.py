@@ -147,7 +147,7 @@ def test_top_eigenvalues_match_exact(arch, dtype, rtol, masked):
     exact = torch.linalg.eigvalsh(H).flip(0)[:5]
     hess = Hessian(model, F.cross_entropy, batches, masks, seed=0)
     vals, vecs = hess.eigenvalues(top_n=5, max_iter=200,
-                                  tol=1e-8 if dtype == torch.float64 else 1e-5)
+                                  tol=1e-8 if dtype == torch.float64 else 1e-4)
     assert len(vals) == 5 and vals == sorted(vals, reverse=True)
     np.testing.assert_allclose(vals, exact.numpy(), rtol=rtol)
     # eigenvectors: parameter-shaped, zero on pruned coordinates, H v = λ v

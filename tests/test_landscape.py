@@ -344,3 +344,14 @@ def test_cuda_equals_cpu():
     cpu = error_barrier(a, a, b, data, betas=[-0.5, 0.5, 1.5])
     gpu = error_barrier(a, a, b, data, betas=[-0.5, 0.5, 1.5], device="cuda")
     torch.testing.assert_close(gpu.loss, cpu.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_batching_policy():
+    from fastimp.landscape import auto_batching
+    assert auto_batching(_mlp(0), "cpu", 512) == "vmap"
+    assert auto_batching(_cnn(0), "cpu", 512) == "loop"
+    assert auto_batching(_cnn(0), "cpu", 8) == "vmap"
+    assert auto_batching(_cnn(0), "cuda", 512) == "vmap"
+    with pytest.raises(ValueError, match="batching"):
+        evaluate(_mlp(0), StateLayout(_mlp(0)).flatten(_mlp(0)), torch.zeros(0, 293),
+                 torch.zeros(1, 0), _data((12,)), batching="grouped")

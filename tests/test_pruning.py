@@ -115,6 +115,27 @@ def test_ties_broken_by_position(backend, kind):
         _check(backend, weights, None, k=k)
 
 
+@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_large_tensors_many_chunks_vs_reference(backend, ties):
+    """Tensors spanning several of the C++ kernel's 65536-element chunks (ties ranked across
+    chunks and threads); the reference itself is checked against the oracle above."""
+    _need(backend)
+    g = torch.Generator().manual_seed(21)
+    shapes = [(70001,), (3,), (2, 100003)]
+    if ties:
+        weights = [torch.randint(-6, 7, s, generator=g).float() for s in shapes]
+    else:
+        weights = [torch.randn(s, generator=g) for s in shapes]
+    masks = [torch.rand(s, generator=g) < 0.7 for s in shapes]
+    for fraction in (0.01, 0.3, 0.77):
+        want = magnitude_threshold(weights, masks, fraction=fraction, backend="torch")
+        out = _poisoned(weights)
+        got = magnitude_threshold(weights, masks, fraction=fraction, out=out, backend=backend)
+        assert (got.n, got.k, got.threshold) == (want.n, want.k, want.threshold)
+        assert all(torch.equal(a, b) for a, b in zip(out, want.masks))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_dtypes(backend, dtype):
@@ -307,3 +328,27 @@ def test_prune_random_errors():
         prune_random(model, 1.0)
     with pytest.raises(TypeError, match="'generator'"):
         prune_random(model, 0.1, generator=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_backends_vs_cpu_reference(backend, dtype):
+    st = _backend.status("magnitude_threshold", backend, "cuda")
+    if not st:
+        pytest.skip(st.reason)
+    g = torch.Generator().manual_seed(31)
+    shapes = SHAPES + [(70001,), (3, 100003)]
+    for ties in (False, True):
+        if ties:
+            weights = [torch.randint(-6, 7, s, generator=g).to(dtype) for s in shapes]
+        else:
+            weights = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+        masks = [torch.rand(s, generator=g) < 0.7 for s in shapes]
+        for fraction in (0.0, 0.01, 0.3, 0.999):
+            want = magnitude_threshold(weights, masks, fraction=fraction, backend="torch")
+            out = [torch.empty(s, dtype=torch.bool, device="cuda") for s in shapes]
+            got = magnitude_threshold([w.cuda() for w in weights], [m.cuda() for m in masks],
+                                      fraction=fraction, out=out, backend=backend)
+            assert (got.n, got.k, got.threshold) == (want.n, want.k, want.threshold)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(out, want.masks))

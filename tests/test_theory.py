@@ -157,30 +157,29 @@ def test_adaptive_pruning_ratio_tiny_model():
     model, data, loss = _trained_tiny()
     solution = copy.deepcopy(model.state_dict())
     scan = theory.adaptive_pruning_scan(model, solution, None, data, threshold=loss + 1e9,
-                                        stop_at_first_failure=False)
+                                        stop_at_first_failure=False, n_points=3)
     assert [s["ratio"] for s in scan] == pytest.approx(list(theory.DEFAULT_RATIOS))
     worst = np.array([s["max_loss"] for s in scan])
     # independent check of the path losses (a plain loop over the path)
     for s in scan[::4]:
         assert s["max_loss"] == pytest.approx(_path_max(model, solution, None, data,
-                                                        s["ratio"]), rel=1e-5)
+                                                        s["ratio"], n_points=3), rel=1e-5)
     assert worst[-1] > worst[0] > loss - 1e-6                  # pruning more costs more
     # threshold between the losses at ratios 0.3 and 0.4 -> p = 0.3 (first failure at 0.4)
     thr = 0.5 * (worst[2] + worst[3])
     assert np.all(np.diff(worst[:4]) > 0)
-    assert theory.adaptive_pruning_ratio(model, solution, None, data, thr, floor=0.0) == \
-        pytest.approx(0.3)
-    assert theory.adaptive_pruning_ratio(model, solution, None, data, thr) == pytest.approx(0.3)
-    assert theory.adaptive_pruning_ratio(model, solution, None, data, thr, floor=0.5) == \
-        pytest.approx(0.5)
+
+    def ratio(threshold, **kw):
+        return theory.adaptive_pruning_ratio(model, solution, None, data, threshold,
+                                             n_points=3, **kw)
+    assert ratio(thr, floor=0.0) == pytest.approx(0.3)
+    assert ratio(thr) == pytest.approx(0.3)
+    assert ratio(thr, floor=0.5) == pytest.approx(0.5)
     # nothing within: the floor; everything within: the largest ratio
-    assert theory.adaptive_pruning_ratio(model, solution, None, data, loss - 1.0) == 0.2
-    assert theory.adaptive_pruning_ratio(model, solution, None, data, loss + 1e9) == \
-        pytest.approx(0.9)
+    assert ratio(loss - 1.0) == 0.2
+    assert ratio(loss + 1e9) == pytest.approx(0.9)
     # a custom loss function takes the plain loop: same answer
-    assert theory.adaptive_pruning_ratio(model, solution, None, data, thr,
-                                         loss_fn=F.cross_entropy) == pytest.approx(
-        theory.adaptive_pruning_ratio(model, solution, None, data, thr))
+    assert ratio(thr, loss_fn=F.cross_entropy) == pytest.approx(0.3)
     # the solution is not modified
     for k, v in model.state_dict().items():
         assert torch.equal(v, solution[k])
@@ -197,10 +196,11 @@ def test_adaptive_pruning_ratio_with_existing_masks():
                 p.mul_(masks[n])
     solution = copy.deepcopy(model.state_dict())
     scan = theory.adaptive_pruning_scan(model, solution, masks, data, threshold=1e9,
-                                        ratios=(0.2, 0.6), stop_at_first_failure=False)
+                                        ratios=(0.2, 0.6), stop_at_first_failure=False,
+                                        n_points=3)
     for s in scan:
         assert s["max_loss"] == pytest.approx(_path_max(model, solution, masks, data,
-                                                        s["ratio"]), rel=1e-5)
+                                                        s["ratio"], n_points=3), rel=1e-5)
     with pytest.raises(ValueError, match="ratios"):
         theory.adaptive_pruning_ratio(model, solution, masks, data, 1.0, ratios=(0.0, 1.0))
     with pytest.raises(ValueError, match="floor"):

@@ -117,13 +117,14 @@ def auto_chunk_size(model: nn.Module, layout: StateLayout, x: torch.Tensor, K: i
 
 def auto_batching(model: nn.Module, device, batch_examples: int = 0) -> str:
     """``"vmap"`` on a GPU (a small network leaves most of the card idle), for CPU models without
-    2-D/3-D convolutions, and for CPU conv nets on small batches (<= 64 examples: per-op
-    overhead dominates); ``"loop"`` for CPU conv nets on larger batches, where vmap's grouped
-    convolutions (the input replicated K times) are not faster than K convolutions
+    convolutions, and for CPU conv nets on small batches (<= 64 examples: per-op overhead
+    dominates); ``"loop"`` for CPU conv nets on larger batches, where vmap's grouped
+    convolutions (the input replicated K times) are slower than K convolutions
     (benchmarks/bench_landscape.py)."""
     if torch.device(device).type != "cpu":
         return "vmap"
-    if any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules()) and batch_examples > 64:
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if any(isinstance(m, convs) for m in model.modules()) and batch_examples > 64:
         return "loop"
     return "vmap"
 
