@@ -108,9 +108,11 @@ def tables(device: str = "cpu", quick: bool = False):
               "(state dict, load_state_dict) and runs one forward per point and batch; fastimp "
               "writes a chunk's weights once (weight_points) and, with vmap, runs one batched "
               "forward per chunk: the matmuls of K models become one bmm, so small networks stop "
-              "being bound by per-op overhead. A convolution under vmap becomes a grouped convolution "
-              "that replicates the input K times; on the CPU that pays only on small batches "
-              "(<= 64 examples), so auto takes the per-point path (same FLOPs, no copies) there.")
+              "being bound by per-op overhead; that pays on small batches (<= 16 examples). On the CPU "
+              "larger batches are compute-bound and vmap's batched matmuls and grouped convolutions "
+              "(the input replicated K times) are slower than K plain forwards, so auto takes the "
+              "per-point path there (same FLOPs, no state-dict copies; fixed cost: one model copy "
+              "and the memory probe per call).")
     mlp, conv = models.get("mnist1d_mlp", seed=0), models.get("mnist1d_conv", seed=0)
     r20 = models.get("resnet20", seed=0)
     n1d = 1000  # MNIST-1D's test set

@@ -348,7 +348,8 @@ def test_cuda_equals_cpu():
 
 def test_auto_batching_policy():
     from fastimp.landscape import auto_batching
-    assert auto_batching(_mlp(0), "cpu", 512) == "vmap"
+    assert auto_batching(_mlp(0), "cpu", 512) == "loop"
+    assert auto_batching(_mlp(0), "cpu", 16) == "vmap"
     assert auto_batching(_cnn(0), "cpu", 512) == "loop"
     assert auto_batching(_cnn(0), "cpu", 8) == "vmap"
     assert auto_batching(_cnn(0), "cuda", 512) == "vmap"

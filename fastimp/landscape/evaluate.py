@@ -116,17 +116,14 @@ def auto_chunk_size(model: nn.Module, layout: StateLayout, x: torch.Tensor, K: i
 
 
 def auto_batching(model: nn.Module, device, batch_examples: int = 0) -> str:
-    """``"vmap"`` on a GPU (a small network leaves most of the card idle), for CPU models without
-    convolutions, and for CPU conv nets on small batches (<= 64 examples: per-op overhead
-    dominates); ``"loop"`` for CPU conv nets on larger batches, where vmap's grouped
-    convolutions (the input replicated K times) are slower than K convolutions
-    (benchmarks/bench_landscape.py)."""
+    """``"vmap"`` on a GPU (a small network leaves most of the card idle) and on the CPU for small
+    batches (<= 16 examples: per-op overhead dominates, e.g. a ResNet-20 slice on a few images);
+    ``"loop"`` on the CPU for larger ones (ResNet-20 on 32 images already), compute-bound there: vmap's batched
+    matmuls and grouped convolutions (the input replicated K times) are slower than K plain
+    forwards (benchmarks/bench_landscape.py)."""
     if torch.device(device).type != "cpu":
         return "vmap"
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if any(isinstance(m, convs) for m in model.modules()) and batch_examples > 64:
-        return "loop"
-    return "vmap"
+    return "vmap" if batch_examples <= 16 else "loop"
 
 
 class _Forward:
