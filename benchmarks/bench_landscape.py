@@ -27,16 +27,19 @@ def _lean_loop(model, states_fn, K, data, device):
     """The baseline: for each point its state dict, load_state_dict, evaluate."""
     net = copy.deepcopy(model).to(device).eval()
 
-    def run():
-        errs = []
+    def run():  # error and loss per point, as fastimp.landscape.evaluate returns
+        out = []
         for k in range(K):
             net.load_state_dict(states_fn(k))
             wrong = torch.zeros((), device=device)
+            loss = torch.zeros((), device=device)
             with torch.no_grad():
                 for x, y in data:
-                    wrong += (net(x).argmax(-1) != y).sum()
-            errs.append(wrong)
-        return torch.stack(errs).cpu()
+                    logits = net(x)
+                    wrong += (logits.argmax(-1) != y).sum()
+                    loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            out.append(torch.stack([wrong, loss]))
+        return torch.stack(out).cpu()
     return run
 
 

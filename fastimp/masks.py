@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -212,27 +211,21 @@ class Masks(Mapping):
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write atomically (temp file + ``os.replace``): safetensors, or ``torch.save`` for a path
         ending in ``.pt``/``.pth`` (or when safetensors is not installed)."""
+        from fastimp._io import atomic_write
         path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
         tensors = {n: m.detach().cpu().contiguous() for n, m in self._m.items()}
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-masks-", suffix=os.path.basename(path))
-        os.close(fd)
         try:
-            try:
-                from safetensors.torch import save_file
-            except ImportError:  # safetensors is optional: torch.save, which load() also reads
-                save_file = None
+            from safetensors.torch import save_file
+        except ImportError:  # safetensors is optional: torch.save, which load() also reads
+            save_file = None
+
+        def write(tmp):
             if path.endswith((".pt", ".pth")) or save_file is None:
                 torch.save({"format": _FORMAT, "names": list(tensors), "masks": tensors}, tmp)
             else:
                 save_file(tensors, tmp, metadata={"format": _FORMAT,
                                                   "names": json.dumps(list(tensors))})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device="cpu") -> "Masks":

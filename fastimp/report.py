@@ -156,10 +156,10 @@ def write_report(folder, out: Optional[str] = None) -> Path:
         if text:
             parts.append(text.rstrip() + "\n")
     path = report_dir / "report.md"
-    from fastimp.imp._io import _atomic
+    from fastimp._io import atomic_write
 
     def write(tmp):
         with open(tmp, "w") as f:
             f.write("\n".join(parts))
-    _atomic(path, write)
+    atomic_write(path, write)
     return path

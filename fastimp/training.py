@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,16 +253,8 @@ class Checkpoint:
         return self.path.is_file()
 
     def save(self, state: Dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from fastimp._io import atomic_write
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
     def load(self) -> Dict[str, Any]:
         return torch.load(self.path, map_location="cpu", weights_only=False)

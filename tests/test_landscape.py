@@ -356,3 +356,23 @@ def test_auto_batching_policy():
     with pytest.raises(ValueError, match="batching"):
         evaluate(_mlp(0), StateLayout(_mlp(0)).flatten(_mlp(0)), torch.zeros(0, 293),
                  torch.zeros(1, 0), _data((12,)), batching="grouped")
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_repeated_calls_leave_the_model_alone_and_follow_new_origins(batching):
+    """evaluate() keeps a private working copy per model: the user's model is never written, and
+    a second call with other weights must not see the first call's."""
+    model = _trained_like(_cnn, 3, (3, 6, 6))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = StateLayout(model)
+    data = _data((3, 6, 6))
+    for seed in (4, 5):
+        other = _trained_like(_cnn, seed, (3, 6, 6))
+        w = layout.flatten(other)
+        got = evaluate(model, w, torch.zeros(1, layout.D), torch.zeros(2, 1), data,
+                       batching=batching)
+        ref = evaluate_loop(model, [other.state_dict()], data)
+        torch.testing.assert_close(got.loss[0], ref.loss[0], **TOL)
+        assert got.error[0] == ref.error[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

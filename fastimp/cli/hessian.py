@@ -50,7 +50,7 @@ def _epsilon(run, args, tau):
     if args.eps is not None:
         return float(args.eps), "given (--eps)"
     from fastimp.cli.prune_scan import scan_path
-    from fastimp.imp._io import load_json
+    from fastimp._io import load_json
     path = scan_path(run, args.level, tau, args.replicate)
     if path.exists():
         eps = load_json(path).get("eps_train")
@@ -89,7 +89,7 @@ def run(args) -> int:
     from fastimp import theory
     from fastimp.hessian import Hessian
     from fastimp.imp import load_run
-    from fastimp.imp._io import save_json
+    from fastimp._io import save_json
 
     r = load_run(args.dir)
     tau = args.rewind_step if args.rewind_step is not None else r.rewind_steps[0]

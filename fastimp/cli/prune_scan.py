@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from fastimp import theory
     from fastimp.imp import load_run
-    from fastimp.imp._io import load_json, save_json
+    from fastimp._io import load_json, save_json
     from fastimp.pruning import prune_magnitude, prune_random
 
     r = load_run(args.dir)
@@ -131,7 +131,7 @@ def theory_curve(r, level, tau, replicate, eps=None):
     from fastimp import theory
     from fastimp.cli.hessian import out_dir
     from fastimp.hessian import SpectralDensity
-    from fastimp.imp._io import load_json
+    from fastimp._io import load_json
     d = out_dir(r, level, tau, replicate)
     if not (d / "hessian.json").exists():
         return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -139,16 +138,8 @@ def get(name: str, root=None, device="cpu", download: bool = False, **kw) -> Dat
 
 # ----------------------------------------------------------------------------------- MNIST-1D
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from fastimp._io import save_torch
+    save_torch(obj, path)
 
 
 def _make_mnist1d(seed: int) -> Dict[str, torch.Tensor]:

@@ -8,8 +8,6 @@ f of degree < 2m. Averaging over n_runs random v estimates tr f(H) / D^A, i.e. t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -83,11 +81,10 @@ class SpectralDensity:
 
     def save(self, path) -> Path:
         """Atomically write ``.npz`` (arrays + JSON meta) or ``.json``, by the suffix."""
+        from fastimp._io import atomic_write
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+
+        def write(tmp):
             if path.suffix == ".json":
                 with open(tmp, "w") as f:
                     json.dump(self.to_dict(), f)
@@ -95,11 +92,7 @@ class SpectralDensity:
                 with open(tmp, "wb") as f:
                     np.savez(f, nodes=self.nodes, weights=self.weights,
                              D_A=np.int64(self.D_A), meta=np.asarray(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, write)
 
     @classmethod
     def load(cls, path) -> "SpectralDensity":
@@ -143,15 +136,5 @@ class SpectralDensity:
 
 
 def _save_fig(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from fastimp._io import atomic_write
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from fastimp.imp._io import load_json, load_torch
+from fastimp._io import load_json, load_torch
 from fastimp.imp.config import IMPConfig
 
 

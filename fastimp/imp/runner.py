@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from fastimp.imp._io import load_json, load_torch, save_json, save_torch
+from fastimp._io import load_json, load_torch, save_json, save_torch
 from fastimp.imp.config import IMPConfig
 from fastimp.imp.folder import Run, level_dir, load_run, rewind_dir
 from fastimp.imp.matching import summarize

@@ -9,11 +9,13 @@ and an exclusive scan over chunks rank those ties by position (earlier pruned fi
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from fastimp.kernels._tables import chunk_table
 
 _BINS = 1 << 16
 _NONFINITE_HI = 0x7F80  # hi16 of +inf; NaN/inf keys have hi16 >= this
@@ -74,25 +76,6 @@ def _write_kernel(segs, chunks, thr, t_rem, eq_before, RANKED: tl.constexpr,
     tl.store(o_ptr + offs, keep.to(tl.uint8), mask=valid)
 
 
-_TABLE_CACHE: Dict[Tuple, torch.Tensor] = {}
-
-
-def _chunk_table(numels: Tuple[int, ...], block: int, device: torch.device) -> torch.Tensor:
-    """[n_chunks, 2] int64 on ``device``: (tensor index, first element) per chunk; cached."""
-    key = (numels, block, str(device))
-    table = _TABLE_CACHE.get(key)
-    if table is None:
-        counts = torch.tensor([(n + block - 1) // block for n in numels], dtype=torch.int64)
-        idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
-        first = torch.cumsum(counts, 0) - counts
-        start = (torch.arange(idx.numel(), dtype=torch.int64) - first[idx]) * block
-        table = torch.stack([idx, start], 1).contiguous().to(device)
-        if len(_TABLE_CACHE) > 64:
-            _TABLE_CACHE.clear()
-        _TABLE_CACHE[key] = table
-    return table
-
-
 def _select_bin(hist: torch.Tensor, k: int) -> Tuple[int, int]:
     """First bin b with cumsum[b] >= k (k >= 1), and k minus the count below b."""
     cum = torch.cumsum(hist, 0)
@@ -120,7 +103,7 @@ def magnitude_threshold_triton(weights: Sequence[torch.Tensor],
         m_addr = masks[i].data_ptr() if masks is not None and w.numel() else 0
         rows.append([w.data_ptr(), m_addr, out[i].data_ptr(), w.numel()])
     segs = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(device)
-    chunks = _chunk_table(tuple(w.numel() for w in w32), block, device)
+    chunks = chunk_table(tuple(w.numel() for w in w32), block, device)
     nc = chunks.shape[0]
     grid = (nc,)
     hist = torch.zeros(_BINS, dtype=torch.int32, device=device)

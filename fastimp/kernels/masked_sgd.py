@@ -7,11 +7,13 @@ the tensor it belongs to and its first element. The per-element formula is
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from fastimp.kernels._tables import chunk_table
 
 _FIELDS = 6  # p, g, b, m, n, init
 
@@ -93,25 +95,6 @@ def _masked_sgd_kernel(tensors, chunks, neg_lr, momentum, one_minus_damp, wd, de
                 one_minus_damp, wd, decay, sign, DTYPE, HAS_MOM, NESTEROV, WD_MODE, False)
 
 
-_CHUNK_CACHE: Dict[Tuple, torch.Tensor] = {}
-
-
-def _chunk_table(numels: Tuple[int, ...], block: int, device: torch.device) -> torch.Tensor:
-    """[n_chunks, 2] int64 on ``device``: (tensor index, first element) per chunk; cached."""
-    key = (numels, block, str(device))
-    table = _CHUNK_CACHE.get(key)
-    if table is None:
-        counts = torch.tensor([(n + block - 1) // block for n in numels], dtype=torch.int64)
-        idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
-        first = torch.cumsum(counts, 0) - counts
-        start = (torch.arange(idx.numel(), dtype=torch.int64) - first[idx]) * block
-        table = torch.stack([idx, start], 1).contiguous().to(device)
-        if len(_CHUNK_CACHE) > 64:
-            _CHUNK_CACHE.clear()
-        _CHUNK_CACHE[key] = table
-    return table
-
-
 def masked_sgd_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                       bufs: Sequence[Optional[torch.Tensor]],
                       masks: Sequence[Optional[torch.Tensor]], init: Sequence[bool], *,
@@ -137,7 +120,7 @@ def masked_sgd_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     if not numels:
         return
     block = 128 if device.type == "cpu" else 4096
-    chunks = _chunk_table(tuple(numels), block, device)
+    chunks = chunk_table(tuple(numels), block, device)
     tensors = torch.tensor(rows, dtype=torch.int64)
     if device.type != "cpu":
         tensors = tensors.pin_memory().to(device, non_blocking=True)

@@ -8,8 +8,9 @@ counts and summed losses are reduced on the device.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,10 +145,28 @@ class _Forward:
     def _over_points(self, f, batched, args, x):
         if self.batching == "vmap":
             return batched(*args, x)
+        if f is self.f:
+            return self._copy_loop(*args, x)
         k = next(iter(args[0].values())).shape[0] if args[0] else 1
         outs = [f(*[{n: v[i] for n, v in a.items()} for a in args], x) for i in range(k)]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(t) for t in zip(*outs))
+        return torch.stack(outs)
+
+    def _copy_loop(self, params, buffers, x):
+        """Per point: copy its weights into the model's own tensors (one pass over D floats) and
+        call the model directly, which costs less than ``functional_call``'s swapping."""
+        names = list(params) + list(buffers)
+        if getattr(self, "_names", None) != names:
+            own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            self._names, self._targets = names, [own[n] for n in names]
+        sources = list(params.values()) + list(buffers.values())
+        k = sources[0].shape[0] if sources else 1
+        outs = []
+        for i in range(k):
+            if sources:
+                torch._foreach_copy_(self._targets, [v[i] for v in sources])
+            outs.append(self.model(x))
         return torch.stack(outs)
 
     def logits(self, params, buffers, x):
@@ -203,6 +222,23 @@ class _Forward:
         return buffers
 
 
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, Dict[torch.device, nn.Module]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _working_copy(model: nn.Module, dev: torch.device) -> nn.Module:
+    """A private eval-mode copy of ``model`` on ``dev`` whose tensors evaluate() overwrites; kept
+    per (model, device) so repeated calls skip the deep copy (the user's model is never touched)."""
+    per_dev = _COPIES.setdefault(model, {})
+    net = per_dev.get(dev)
+    if net is None or len(list(net.parameters())) != len(list(model.parameters())):
+        net = copy.deepcopy(model).to(dev)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        per_dev[dev] = net
+    return net.eval()
+
+
 def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "interpolate",
              train_data=None, bn_batches: Optional[int] = None, clip: Optional[Tuple] = None,
              chunk_size: Optional[int] = None, backend: str = "auto", device=None,
@@ -254,9 +290,7 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
         hi = torch.as_tensor(hi, dtype=torch.float32).reshape(-1).to(dev)
         if lo.numel() != J or hi.numel() != J:
             raise ValueError(f"clip: expected (lo, hi) with {J} entries each")
-    net = copy.deepcopy(model).to(dev).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net = _working_copy(model, dev)
     data_list = data if isinstance(data, (list, tuple)) else None
     if batching == "auto":
         first = next(iter(data_list if data_list is not None else data))
@@ -270,7 +304,8 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
     if chunk_size is None:
         first = next(iter(data_list if data_list is not None else data))
         x0 = first[0].to(dev)
-        chunk_size = auto_chunk_size(net, layout, x0, K, dev)
+        chunk_size = (auto_chunk_size(net, layout, x0, K, dev) if batching == "vmap" else
+                      int(max(1, min(K, _memory_budget(dev) // (layout.D * 4)))))
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     W = torch.empty(min(chunk_size, max(K, 1)), layout.D, dtype=torch.float32, device=dev)

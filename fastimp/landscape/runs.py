@@ -3,9 +3,6 @@ solutions and masks through :func:`fastimp.imp.load_run` and write JSON and PNG 
 ``run.analysis_dir``."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -21,17 +18,8 @@ BARRIER_JSON = "barrier.json"
 
 
 def save_json_atomic(obj, path) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from fastimp._io import save_json
+    return save_json(obj, path)
 
 
 def plane_json(kind: str, level: int, rewind_step: int) -> str:

@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file in the same folder + ``os.replace``) for run folders."""
+"""Atomic file writes: a temp file in the same folder, then ``os.replace`` — a killed process
+leaves either the old file or the new one, never a torn one. Every writer in fastimp uses it."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,13 @@ import torch
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _atomic(path: PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temp path beside ``path`` (same suffix, so that writers that infer
+    the format from it, e.g. ``savefig``, work), then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -34,7 +38,7 @@ def save_json(obj: Any, path: PathLike) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def load_json(path: PathLike) -> Any:
@@ -43,7 +47,7 @@ def load_json(path: PathLike) -> Any:
 
 
 def save_torch(obj: Any, path: PathLike) -> Path:
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_torch(path: PathLike) -> Any:
