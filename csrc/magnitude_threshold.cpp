@@ -3,6 +3,7 @@
 // The key of a weight is the IEEE bit pattern of |float(w)| (sign cleared): for non-negative
 // floats, integer order of the bits = numeric order, and NaN/inf have keys >= 0x7f800000.
 // Ties at the threshold key T: the earliest positions (tensor order, then flat index) go first.
+#include "radix_select.h"
 #include "fastimp.h"
 
 #include <cmath>
@@ -18,7 +19,8 @@ namespace fastimp {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;
-constexpr int kBins = 1 << 16;
+using radix::kBins;
+using radix::select_bin;
 constexpr uint32_t kNonFiniteHi = 0x7f80;  // hi16 of +inf; NaN/inf keys have hi16 >= this
 
 enum class DT { F32, F16, BF16 };
@@ -125,19 +127,6 @@ void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, b
   }
 }
 
-// First bin b with cum[b] >= k (k >= 1); returns b and sets k_rem = k - cum[b - 1].
-int select_bin(const std::vector<int64_t>& hist, int64_t k, int64_t& k_rem) {
-  int64_t cum = 0;
-  for (int b = 0; b < kBins; ++b) {
-    if (cum + hist[b] >= k) {
-      k_rem = k - cum;
-      return b;
-    }
-    cum += hist[b];
-  }
-  TORCH_CHECK(false, "fastimp: magnitude_threshold: radix select ran past the histogram");
-  return -1;
-}
 
 // out = mask & !(key < T or (key == T and rank of this tie < t_rem)). t_rem < 0: key <= T pruned
 // (every tie); T = -1 (k = 0): nothing pruned.

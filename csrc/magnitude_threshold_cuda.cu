@@ -2,6 +2,7 @@
 // with global-memory atomic histograms. One CUDA block per chunk of one tensor; the segment and
 // chunk tables live on the device. The two 65536-bin histograms are scanned on the host (256 KB
 // each), which keeps the selection identical to the CPU code.
+#include "radix_select.h"
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,7 +20,8 @@ namespace {
 
 constexpr int64_t kChunk = 8192;
 constexpr int kThreads = 256;
-constexpr int kBins = 1 << 16;
+using radix::kBins;
+using radix::select_bin;
 constexpr uint32_t kNonFiniteHi = 0x7f80;
 
 // seg table: per tensor 5 int64: weight ptr, mask ptr (0: none), out ptr, numel, dtype
@@ -128,18 +130,6 @@ __global__ void write_ranked_kernel(const int64_t* segs, const int64_t* chunks, 
   }
 }
 
-int select_bin(const std::vector<int64_t>& hist, int64_t k, int64_t& k_rem) {
-  int64_t cum = 0;
-  for (int b = 0; b < kBins; ++b) {
-    if (cum + hist[b] >= k) {
-      k_rem = k - cum;
-      return b;
-    }
-    cum += hist[b];
-  }
-  TORCH_CHECK(false, "fastimp: magnitude_threshold_cuda: radix select ran past the histogram");
-  return -1;
-}
 
 std::vector<int64_t> to_host(const at::Tensor& hist_u32) {
   auto h = hist_u32.to(at::kLong).cpu();  // the int32 view of uint32 counts < 2^31 per bin

@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config, items):
 def devices():
     """Devices to test on: the CPU always, CUDA when present."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny models on a busy 2-core machine run many times
+    faster that way (OpenMP threads spin against each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

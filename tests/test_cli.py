@@ -12,12 +12,7 @@ TINY = ["train.steps=20", "train.batch_size=64", "train.milestones=[10,15]",
         "model_kwargs={\"channels\":4}", "replicates=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,13 +23,7 @@ def tiny(**kw):
     return IMPConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is faster than two fighting over 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _states_equal(a, b):

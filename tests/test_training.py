@@ -10,12 +10,7 @@ from fastimp.training import (Checkpoint, TrainConfig, evaluate, make_optimizer,
                               train, train_loss_epsilon)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_images():
