@@ -89,7 +89,7 @@ def _case(table, name, model, shape, n_images, K_kind, G, device, repeat, sample
     from fastimp.landscape.evaluate import auto_batching
     auto = auto_batching(model, torch.device(device), len(data[0][1]))
     for batching, why in (("vmap", "one vmapped forward per chunk (bmm / grouped conv)"),
-                          ("loop", "weight_points + functional_call per point, no copies")):
+                          ("loop", "weight_points, then per point one copy into a working model + forward")):
         if not both and batching != auto:
             continue
         fn = lambda: evaluate(model, w0, U, C, data, batching=batching, device=device)
@@ -114,8 +114,8 @@ def tables(device: str = "cpu", quick: bool = False):
               "being bound by per-op overhead; that pays on small batches (<= 16 examples). On the CPU "
               "larger batches are compute-bound and vmap's batched matmuls and grouped convolutions "
               "(the input replicated K times) are slower than K plain forwards, so auto takes the "
-              "per-point path there (same FLOPs, no state-dict copies; fixed cost: one model copy "
-              "and the memory probe per call).")
+              "per-point path there (same FLOPs; per point one flat copy into a cached working "
+              "model instead of building and loading a state dict).")
     mlp, conv = models.get("mnist1d_mlp", seed=0), models.get("mnist1d_conv", seed=0)
     r20 = models.get("resnet20", seed=0)
     n1d = 1000  # MNIST-1D's test set

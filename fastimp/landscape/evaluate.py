@@ -254,9 +254,9 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
       (0, 1) they stay in the convex hull and are projected onto its nearest boundary outside it).
     - ``bn="interpolate"``: BN running statistics move with the weights; ``bn="reset"``: they are
       recomputed per point on ``train_data`` (first ``bn_batches`` batches), batched as well.
-    - ``batching``: ``"vmap"`` (one forward for the chunk's points), ``"loop"`` (one
-      ``functional_call`` per point on views of the chunk, no copies) or ``"auto"``
-      (:func:`auto_batching`).
+    - ``batching``: ``"vmap"`` (one forward for the chunk's points), ``"loop"`` (per point, its
+      row of the chunk copied into a cached working model, then a plain forward) or ``"auto"``
+      (:func:`auto_batching`). The caller's ``model`` is never modified.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
