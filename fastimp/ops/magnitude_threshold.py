@@ -83,20 +83,21 @@ def _kernel_ok(weights) -> bool:
     return all(w.dtype in KERNEL_DTYPES for w in weights)
 
 
-def _cpu(weights, masks, out, k, fraction):
-    if not _kernel_ok(weights):
-        return reference(weights, masks, out, k, fraction)
-    n, k, bits, nonfinite = _ext._C.magnitude_threshold_cpu(
-        list(weights), list(masks) if masks is not None else [], list(out), int(k), float(fraction))
-    return n, k, _bits_to_float(bits, k), nonfinite
+def _compiled(symbol: str):
+    """The backend calling ``fastimp._C.<symbol>`` (dtypes it lacks go to the reference)."""
+    def run(weights, masks, out, k, fraction):
+        if not _kernel_ok(weights):
+            return reference(weights, masks, out, k, fraction)
+        n, k, bits, nonfinite = getattr(_ext._C, symbol)(
+            list(weights), list(masks) if masks is not None else [], list(out), int(k),
+            float(fraction))
+        return n, k, _bits_to_float(bits, k), nonfinite
+    run.__name__ = f"_{symbol}"
+    return run
 
 
-def _cuda(weights, masks, out, k, fraction):
-    if not _kernel_ok(weights):
-        return reference(weights, masks, out, k, fraction)
-    n, k, bits, nonfinite = _ext._C.magnitude_threshold_cuda(
-        list(weights), list(masks) if masks is not None else [], list(out), int(k), float(fraction))
-    return n, k, _bits_to_float(bits, k), nonfinite
+_cpu = _compiled("magnitude_threshold_cpu")
+_cuda = _compiled("magnitude_threshold_cuda")
 
 
 def _triton(weights, masks, out, k, fraction):
