@@ -291,9 +291,9 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
         if lo.numel() != J or hi.numel() != J:
             raise ValueError(f"clip: expected (lo, hi) with {J} entries each")
     net = _working_copy(model, dev)
-    data_list = data if isinstance(data, (list, tuple)) else None
+    first = None  # the first batch, read only when the defaults below need it
     if batching == "auto":
-        first = next(iter(data_list if data_list is not None else data))
+        first = next(iter(data))
         batching = auto_batching(net, dev, len(first[1]))
     elif batching not in ("vmap", "loop"):
         raise ValueError(f"batching: expected 'auto', 'vmap' or 'loop', got {batching!r}")
@@ -302,10 +302,11 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
     losses = torch.zeros(K, dtype=torch.float64, device=dev)
     n_total = 0 if K else 1
     if chunk_size is None:
-        first = next(iter(data_list if data_list is not None else data))
-        x0 = first[0].to(dev)
-        chunk_size = (auto_chunk_size(net, layout, x0, K, dev) if batching == "vmap" else
-                      int(max(1, min(K, _memory_budget(dev) // (layout.D * 4)))))
+        if batching == "vmap":
+            first = first if first is not None else next(iter(data))
+            chunk_size = auto_chunk_size(net, layout, first[0].to(dev), K, dev)
+        else:
+            chunk_size = int(max(1, min(K, _memory_budget(dev) // (layout.D * 4))))
     elif not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     W = torch.empty(min(chunk_size, max(K, 1)), layout.D, dtype=torch.float32, device=dev)
