@@ -149,7 +149,7 @@ class Run:
 
     def dataset(self, device="cpu"):
         if self._dataset is None or str(self._dataset.device) != str(torch.device(device)):
-            from fastimp.imp.runner import load_dataset
+            from fastimp.imp.retraining import load_dataset
             self._dataset = load_dataset(self.config, device=device)
         return self._dataset
 
@@ -176,7 +176,7 @@ class Run:
         [T, 2T). ``strategy`` overrides the run's (e.g. ``"wr"`` retrains LRR masks from the rewind
         point, Appendix D). The result is what level ``level + 1`` would be with ``masks``.
         """
-        from fastimp.imp.runner import retrain
+        from fastimp.imp.retraining import retrain
         return retrain(self, masks, rewind_step=rewind_step, replicate=replicate, level=level,
                        strategy=strategy, device=device, progress=progress)
 

@@ -20,39 +20,10 @@ import torch
 from fastimp._io import load_json, load_torch, save_json, save_torch
 from fastimp.imp.config import IMPConfig
 from fastimp.imp.folder import Run, level_dir, load_run, rewind_dir
+from fastimp.imp.retraining import (DEFAULT_CHECKPOINT_EVERY, LevelTrainer, cpu_state,
+                                     float_or_none, load_dataset, resolve_device)
 from fastimp.imp.matching import summarize
 from fastimp.imp.strategies import PREVIOUS, level_plan
-
-DEFAULT_CHECKPOINT_EVERY = 500
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") \
-            from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
-    return dev
-
-
-def load_dataset(config: IMPConfig, device="cpu"):
-    from fastimp import data
-    kwargs = dict(config.dataset_kwargs)
-    return data.get(config.dataset, root=config.data_root, device=str(device), **kwargs)
-
-
-def replicate_train_config(config: IMPConfig, seed: int):
-    """Replicate with seed s: init_seed = train.init_seed + s, data_seed = train.data_seed + s."""
-    t = config.train
-    return t.replace(init_seed=t.init_seed + seed, data_seed=t.data_seed + seed)
-
-
-def _cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def projection_distance(model: torch.nn.Module, next_masks) -> float:
@@ -134,42 +105,7 @@ def write_results(folder: Path, config: IMPConfig, eps: Optional[float] = None):
     return rows, summary
 
 
-class _Context:
-    """What the levels of one replicate share."""
-
-    def __init__(self, config: IMPConfig, seed: int, device, dataset, on_step, progress,
-                 checkpoint_every):
-        from fastimp import training
-        self.config, self.seed, self.device, self.dataset = config, seed, device, dataset
-        self.train_cfg = replicate_train_config(config, seed)
-        self.loader = training.make_loader(dataset, self.train_cfg, device=str(device))
-        self.test_loader = dataset.loader("test", max(self.train_cfg.batch_size, 1000),
-                                          device=str(device))
-        self.total_steps = self.train_cfg.total_steps(self.loader.iterations_per_epoch)
-        self.on_step, self.progress, self.checkpoint_every = on_step, progress, checkpoint_every
-
-    def build_model(self):
-        from fastimp import models
-        return models.get(self.config.model, num_classes=self.dataset.num_classes,
-                          seed=self.train_cfg.init_seed, **self.config.model_kwargs)
-
-    def train(self, model, masks, start_step, end_step, checkpoint_path=None, extra_on_step=None):
-        from fastimp import training
-        callbacks = [cb for cb in (extra_on_step, self.on_step) if cb is not None]
-
-        def on_step(step, model, optimizer):
-            for cb in callbacks:
-                cb(step, model, optimizer)
-        ckpt = None
-        if checkpoint_path is not None:
-            ckpt = training.Checkpoint(checkpoint_path, every=self.checkpoint_every)
-        return training.train(model, self.train_cfg, self.loader, masks=masks,
-                              start_step=start_step, end_step=end_step,
-                              on_step=on_step if callbacks else None, checkpoint=ckpt,
-                              progress=self.progress)
-
-
-def _pretrain(ctx: _Context, folder: Path, rewind_steps: List[int]):
+def _pretrain(ctx: LevelTrainer, folder: Path, rewind_steps: List[int]):
     seed = ctx.seed
     missing = [t for t in rewind_steps
                if not (rewind_dir(folder, seed, t) / "rewind_state.pt").exists()]
@@ -180,7 +116,7 @@ def _pretrain(ctx: _Context, folder: Path, rewind_steps: List[int]):
             raise ValueError(f"rewind_steps: {tau} is past the end of training "
                              f"(T = {ctx.total_steps} steps)")
     model = ctx.build_model()
-    init = _cpu_state(model)
+    init = cpu_state(model)
     save_torch(init, folder / f"seed_{seed}" / "init.pt")
     if 0 in missing:
         save_torch(init, rewind_dir(folder, seed, 0) / "rewind_state.pt")
@@ -191,7 +127,7 @@ def _pretrain(ctx: _Context, folder: Path, rewind_steps: List[int]):
 
     def snapshot(step, model, optimizer):
         if step in wanted:
-            save_torch(_cpu_state(model), rewind_dir(folder, seed, step) / "rewind_state.pt")
+            save_torch(cpu_state(model), rewind_dir(folder, seed, step) / "rewind_state.pt")
     model.to(ctx.device)
     ckpt = folder / f"seed_{seed}" / f"pretrain_to_{end}.checkpoint.pt"
     for stale in ckpt.parent.glob("pretrain_to_*.checkpoint.pt"):
@@ -200,7 +136,7 @@ def _pretrain(ctx: _Context, folder: Path, rewind_steps: List[int]):
     ctx.train(model, None, 0, end, ckpt, extra_on_step=snapshot)
 
 
-def _level(ctx: _Context, folder: Path, tau: int, level: int, replicate: int,
+def _level(ctx: LevelTrainer, folder: Path, tau: int, level: int, replicate: int,
            dense_stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     from fastimp import training
     from fastimp.masks import Masks
@@ -227,7 +163,7 @@ def _level(ctx: _Context, folder: Path, tau: int, level: int, replicate: int,
     result = ctx.train(model, masks_dev, plan.start_step, plan.end_step, d / "checkpoint.pt")
     seconds = time.perf_counter() - t0
     test_error, test_loss = training.evaluate(model, ctx.test_loader)
-    save_torch(_cpu_state(model), d / "solution.pt")
+    save_torch(cpu_state(model), d / "solution.pt")
     save_torch(result.losses.detach().cpu(), d / "losses.pt")
 
     if cfg.pruning_fraction == "adaptive":
@@ -251,8 +187,8 @@ def _level(ctx: _Context, folder: Path, tau: int, level: int, replicate: int,
         "remaining": remaining, "total": total,
         "sparsity": 1.0 - (remaining / total if total else 1.0),
         "test_error": float(test_error), "test_loss": float(test_loss),
-        "train_loss": _float(result.train_loss),
-        "train_loss_epsilon": _float(result.train_loss_epsilon),
+        "train_loss": float_or_none(result.train_loss),
+        "train_loss_epsilon": float_or_none(result.train_loss_epsilon),
         "projection_distance": distance,
         "next_pruning_fraction": fraction,
         "next_weights_remaining": int(next_masks.remaining()) / total if total else 1.0,
@@ -261,10 +197,6 @@ def _level(ctx: _Context, folder: Path, tau: int, level: int, replicate: int,
     }
     save_json(stats, d / "stats.json")
     return stats
-
-
-def _float(x):
-    return None if x is None else float(x)
 
 
 def run(config: IMPConfig, out_dir, progress: bool = True, *,
@@ -310,7 +242,7 @@ def _run(config, merged, folder, device, progress, on_step, checkpoint_every, ep
     try:
         for seed in seeds:
             replicate = merged.replicate_seeds.index(seed)
-            ctx = _Context(config, seed, device, dataset, on_step, False, checkpoint_every)
+            ctx = LevelTrainer(config, seed, device, dataset, on_step, False, checkpoint_every)
             ctx.progress = progress and ctx.total_steps > 2000  # a bar per level when long
             _pretrain(ctx, folder, config.rewind_steps)
             for tau in config.rewind_steps:
@@ -332,37 +264,3 @@ def _run(config, merged, folder, device, progress, on_step, checkpoint_every, ep
     finally:
         if bar is not None:
             bar.close()
-
-
-def retrain(run: Run, masks, rewind_step=None, replicate: int = 0, level: Optional[int] = None,
-            strategy: Optional[str] = None, device=None, progress: bool = False):
-    """See :meth:`Run.retrain`."""
-    from fastimp import training
-    from fastimp.masks import Masks
-    config = run.config
-    strategy = strategy or config.strategy
-    tau, seed = run._key(rewind_step, replicate)
-    if strategy != "wr" and level is None:
-        raise ValueError(f"level: retraining with strategy {strategy!r} starts from the solution "
-                         "w^(level) that was pruned; pass level")
-    dev = resolve_device(device or config.device)
-    dataset = run.dataset(str(dev))
-    ctx = _Context(config, seed, dev, dataset, None, progress, DEFAULT_CHECKPOINT_EVERY)
-    plan = level_plan(strategy, 1 if level is None else int(level) + 1, tau, ctx.total_steps)
-    start = run.solution(level, tau, replicate) if plan.start == PREVIOUS \
-        else run.rewind_state(tau, replicate)
-    model = ctx.build_model()
-    model.load_state_dict(start)
-    model.to(dev)
-    if not isinstance(masks, Masks):
-        masks = Masks(dict(masks))
-    result = ctx.train(model, masks.to(dev), plan.start_step, plan.end_step)
-    test_error, test_loss = training.evaluate(model, ctx.test_loader)
-    remaining, total = int(masks.remaining()), int(masks.total())
-    stats = {"rewind_step": tau, "seed": seed, "replicate": replicate, "strategy": strategy,
-             "from_level": level, "weights_remaining": remaining / total if total else 1.0,
-             "test_error": float(test_error), "test_loss": float(test_loss),
-             "train_loss": _float(result.train_loss),
-             "train_loss_epsilon": _float(result.train_loss_epsilon),
-             "start_step": plan.start_step, "end_step": plan.end_step}
-    return _cpu_state(model), stats
