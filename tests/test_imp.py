@@ -218,6 +218,17 @@ def test_run_folder_contract(tmp_path):
         run.retrain(run.mask(1), strategy="lrr")
     sd2, st2 = run.retrain(run.mask(1), level=0, strategy="lrr")
     assert (st2["start_step"], st2["end_step"]) == (0, T)
+    # several runs at once: lists in, a list out, in order, each equal to retraining it alone
+    many = run.retrain([run.mask(1), run.mask(1)], rewind_step=[3, 0], replicate=0)
+    assert [s["rewind_step"] for _, s in many] == [3, 0]
+    assert all(torch.equal(many[0][0][k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match="rewind_step"):
+        run.retrain([run.mask(1)] * 2, rewind_step=[3])
+    # start= replaces the starting weights; the mask is applied to them
+    shifted = {k: v + 1 if v.is_floating_point() else v for k, v in run.rewind_state(3).items()}
+    sd3, _ = run.retrain(run.mask(1), rewind_step=3, start=shifted)
+    assert not all(torch.equal(sd3[k], sd[k]) for k in sd)
+    assert all(torch.all(sd3[k][~m] == 0) for k, m in run.mask(1).items())
 
 
 def test_matching_definition():

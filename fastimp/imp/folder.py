@@ -166,19 +166,23 @@ class Run:
                                            device=device)
 
     # -- more training -------------------------------------------------------------------
-    def retrain(self, masks, rewind_step=None, replicate: int = 0, level: Optional[int] = None,
-                *, strategy: Optional[str] = None, device: Optional[str] = None,
-                progress: bool = False):
+    def retrain(self, masks, rewind_step=None, replicate=0, level=None, *,
+                strategy: Optional[str] = None, device: Optional[str] = None,
+                progress: bool = False, start=None):
         """Train ``masks`` with the run's retraining strategy -> (state_dict, stats).
 
         WR trains ``masks . w_tau`` over steps [tau, T) (``level`` is not needed); LRR and FT start
         from ``masks . w^(level)`` (the solution that was pruned; required) over [0, T) resp.
         [T, 2T). ``strategy`` overrides the run's (e.g. ``"wr"`` retrains LRR masks from the rewind
         point, Appendix D). The result is what level ``level + 1`` would be with ``masks``.
+        ``start`` (a state dict) replaces the weights training starts from (the mask is applied).
+
+        Several runs: ``masks`` a list, and ``rewind_step`` / ``replicate`` / ``level`` / ``start``
+        one value each or lists of the same length -> a list of ``(state_dict, stats)``.
         """
         from fastimp.imp.retraining import retrain
         return retrain(self, masks, rewind_step=rewind_step, replicate=replicate, level=level,
-                       strategy=strategy, device=device, progress=progress)
+                       strategy=strategy, device=device, progress=progress, start=start)
 
 
 def load_run(folder) -> Run:

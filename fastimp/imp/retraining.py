@@ -84,10 +84,35 @@ def float_or_none(x):
     return None if x is None else float(x)
 
 
-def retrain(run, masks, rewind_step=None, replicate: int = 0, level: Optional[int] = None,
-            strategy: Optional[str] = None, device=None, progress: bool = False):
-    """Train ``masks`` with ``run``'s retraining strategy -> (state_dict, stats); see
-    :meth:`fastimp.imp.folder.Run.retrain`."""
+def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Optional[str] = None,
+            device=None, progress: bool = False, start=None):
+    """Train ``masks`` with ``run``'s retraining strategy -> ``(state_dict, stats)``; see
+    :meth:`fastimp.imp.folder.Run.retrain`.
+
+    Several runs at once: ``masks`` a list, and each of ``rewind_step``, ``replicate``, ``level``,
+    ``start`` either one value for all or a list of the same length -> a list of
+    ``(state_dict, stats)`` in that order. ``start`` (a state dict) replaces the weights training
+    starts from (w_tau or w^(level)); the mask is applied to it.
+    """
+    if not isinstance(masks, (list, tuple)):
+        return _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress,
+                            start)
+    n = len(masks)
+    per_run = {}
+    for name, value in (("rewind_step", rewind_step), ("replicate", replicate), ("level", level),
+                        ("start", start)):
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"{name}: expected one value per mask ({n}), got {len(value)}")
+            per_run[name] = list(value)
+        else:
+            per_run[name] = [value] * n
+    return [_retrain_one(run, masks[i], per_run["rewind_step"][i], per_run["replicate"][i],
+                         per_run["level"][i], strategy, device, progress, per_run["start"][i])
+            for i in range(n)]
+
+
+def _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress, start):
     from fastimp import training
     from fastimp.masks import Masks
     config = run.config
@@ -100,8 +125,9 @@ def retrain(run, masks, rewind_step=None, replicate: int = 0, level: Optional[in
     dataset = run.dataset(str(dev))
     ctx = LevelTrainer(config, seed, dev, dataset, None, progress, DEFAULT_CHECKPOINT_EVERY)
     plan = level_plan(strategy, 1 if level is None else int(level) + 1, tau, ctx.total_steps)
-    start = run.solution(level, tau, replicate) if plan.start == PREVIOUS \
-        else run.rewind_state(tau, replicate)
+    if start is None:
+        start = run.solution(level, tau, replicate) if plan.start == PREVIOUS \
+            else run.rewind_state(tau, replicate)
     model = ctx.build_model()
     model.load_state_dict(start)
     model.to(dev)
