@@ -1,16 +1,50 @@
 """Atomic file writes: a temp file in the same folder, then ``os.replace`` — a killed process
-leaves either the old file or the new one, never a torn one. Every writer in fastimp uses it."""
+leaves either the old file or the new one, never a torn one. Every writer in fastimp uses it.
+
+Files are created like any other tool's (mode 0666 minus the user's umask: 0644 under umask
+022), not 0600 as ``tempfile.mkstemp`` would. A temp file is named
+``.<name>.<pid>@<host>.<random>.tmp<suffix>``, so :func:`clean_stale_tmp` can tell the ones whose
+writer died (killed mid-write) from those still being written.
+"""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, List, Union
 
 import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+# A temp file left by a writer on another host (or by an older fastimp, whose names carry no
+# pid) counts as stale once it has not been touched for this long.
+STALE_AFTER_S = 3600.0
+
+_TMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)\.)?"
+                     r"(?P<rand>[A-Za-z0-9_]{8})\.tmp(?:\.[^.]*)?$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+def _create_temp(path: Path) -> str:
+    """Create an empty temp file beside ``path`` (O_EXCL, mode 0666 & ~umask); return its name."""
+    for _ in range(100):
+        tmp = path.parent / (f".{path.name}.{os.getpid()}@{_host()}.{secrets.token_hex(4)}"
+                             f".tmp{path.suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"could not create a temp file beside {path}")  # pragma: no cover
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -18,9 +52,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     the format from it, e.g. ``savefig``, work), then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
-                               dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -29,6 +61,45 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def is_stale_tmp(path: PathLike, now: float = None) -> bool:
+    """Whether ``path`` is a temp file of :func:`atomic_write` whose writer is gone: its pid is
+    dead on this host, or (another host, or no pid in the name) untouched for ``STALE_AFTER_S``."""
+    path = Path(path)
+    m = _TMP_RE.match(path.name)
+    if m is None:
+        return False
+    if m["pid"] is not None and m["host"] == _host():
+        return not _alive(int(m["pid"]))
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STALE_AFTER_S
+
+
+def clean_stale_tmp(folder: PathLike) -> List[Path]:
+    """Delete the stale temp files (:func:`is_stale_tmp`) under ``folder``; returns them."""
+    removed = []
+    for p in Path(folder).rglob(".*.tmp*"):
+        if p.is_file() and is_stale_tmp(p):
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:  # another cleaner was first
+                pass
+    return removed
 
 
 def save_json(obj: Any, path: PathLike) -> Path:

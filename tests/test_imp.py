@@ -274,20 +274,8 @@ def test_config_validation_and_overrides():
 
 
 def test_adaptive_pruning_is_wired(tmp_path, monkeypatch):
-    import sys
-    import types
+    import fastimp.theory as theory
     cfg = tiny(levels=1, pruning_fraction="adaptive")
-    try:
-        import fastimp.theory as theory
-        has = hasattr(theory, "adaptive_pruning_ratio")
-    except ImportError:
-        theory, has = None, False
-    if not has:
-        with pytest.raises(RuntimeError, match="adaptive_pruning_ratio"):
-            imp.run(cfg, tmp_path / "a", progress=False)
-        fake = types.ModuleType("fastimp.theory")
-        monkeypatch.setitem(sys.modules, "fastimp.theory", fake)
-        theory = fake
     seen = []
 
     def ratio(model, solution, masks, data, threshold, **kw):
@@ -295,7 +283,7 @@ def test_adaptive_pruning_is_wired(tmp_path, monkeypatch):
         x, y = next(iter(data))
         assert x.shape[1:] == (40,) and set(solution) == set(model.state_dict())
         return 0.5
-    monkeypatch.setattr(theory, "adaptive_pruning_ratio", ratio, raising=False)
+    monkeypatch.setattr(theory, "adaptive_pruning_ratio", ratio)
     run = imp.run(cfg, tmp_path / "b", progress=False)
     st0 = run.stats(0)
     assert seen == [pytest.approx(st0["train_loss"] + st0["train_loss_epsilon"])] * 2

@@ -115,6 +115,11 @@ class IMPConfig:
                              f"got {self.threads!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"IMPConfig.device: expected a device string, got {self.device!r}")
+        for name in ("model_kwargs", "dataset_kwargs"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"IMPConfig.{name}: expected a JSON object of keyword arguments "
+                                 f"such as {{\"hidden\": [16]}}, got {value!r}")
         return self
 
     @property

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from fastimp._io import load_json, load_torch
+from fastimp.imp import verify
 from fastimp.imp.config import IMPConfig
 
 
@@ -34,9 +34,19 @@ def rewind_dir(folder: Path, seed: int, rewind_step: int) -> Path:
     return Path(folder) / f"seed_{seed}" / f"rewind_{rewind_step}"
 
 
-def load_masks(path):
-    from fastimp.masks import Masks
-    return Masks.load(path)
+def collect_results(folder: Path, config: IMPConfig) -> List[Dict[str, Any]]:
+    """The ``stats.json`` of every finished level (verified), per replicate, rewind step, level."""
+    rows = []
+    for r, seed in enumerate(config.replicate_seeds):
+        for tau in config.rewind_steps:
+            L = 0
+            while (level_dir(folder, seed, tau, L) / "stats.json").exists():
+                st = verify.read_stats(level_dir(folder, seed, tau, L) / "stats.json",
+                                       level=L, rewind_step=tau, seed=seed)
+                st["replicate"] = r
+                rows.append(st)
+                L += 1
+    return rows
 
 
 class Run:
@@ -47,8 +57,9 @@ class Run:
         if not (self.dir / "config.json").exists():
             raise FileNotFoundError(f"{self.dir} is not an IMP run folder (no config.json); "
                                     "run `fastimp imp` first or pass the imp_<hash> folder")
-        self.config: IMPConfig = IMPConfig.from_dict(load_json(self.dir / "config.json"))
+        self.config: IMPConfig = verify.read_config(self.dir / "config.json")
         self._dataset = None
+        self._shapes = None
 
     def __repr__(self):
         return f"Run({str(self.dir)!r}, strategy={self.config.strategy!r})"
@@ -101,21 +112,38 @@ class Run:
         return path
 
     # -- per level -------------------------------------------------------------------------
+    # Every file is verified as it is read (fastimp.imp.verify): a bad one raises a one-line
+    # CorruptFileError naming it and the fix (rerunning `fastimp imp` recomputes it).
+    def _expected(self):
+        """(state dict key -> shape, prunable name -> shape) of the run's architecture."""
+        if self._shapes is None:
+            from fastimp.masks import prunable
+            model = self.build_model()
+            self._shapes = (verify.expected_state(model),
+                            {n: p.shape for n, p in prunable(model).items()})
+        return self._shapes
+
     def solution(self, level: int, rewind_step=None, replicate: int = 0) -> Dict[str, torch.Tensor]:
         """State dict of the level-L solution w^(L) (CPU)."""
         self._require_finished(level, rewind_step, replicate)
-        return load_torch(self._level_path(level, rewind_step, replicate, "solution.pt"))
+        return verify.read_state(self._level_path(level, rewind_step, replicate, "solution.pt"),
+                                 self._expected()[0])
 
     def mask(self, level: int, rewind_step=None, replicate: int = 0):
         """m^(L), the mask level L trained under (level 0: all ones); ``fastimp.Masks``."""
-        return load_masks(self._level_path(level, rewind_step, replicate, "mask.pt"))
+        return verify.read_masks(self._level_path(level, rewind_step, replicate, "mask.pt"),
+                                 self._expected()[1])
 
     def stats(self, level: int, rewind_step=None, replicate: int = 0) -> Dict[str, Any]:
-        return load_json(self._level_path(level, rewind_step, replicate, "stats.json"))
+        tau, seed = self._key(rewind_step, replicate)
+        return verify.read_stats(self._level_path(level, rewind_step, replicate, "stats.json"),
+                                 level=int(level), rewind_step=tau, seed=seed)
 
     def losses(self, level: int, rewind_step=None, replicate: int = 0) -> torch.Tensor:
         """Train loss of every step of level L's training."""
-        return load_torch(self._level_path(level, rewind_step, replicate, "losses.pt"))
+        st = self.stats(level, rewind_step, replicate)
+        return verify.read_losses(self._level_path(level, rewind_step, replicate, "losses.pt"),
+                                  st["end_step"] - st["start_step"])
 
     def rewind_state(self, rewind_step=None, replicate: int = 0) -> Dict[str, torch.Tensor]:
         """w_tau, the rewind point (state dict, CPU)."""
@@ -123,22 +151,41 @@ class Run:
         path = rewind_dir(self.dir, seed, tau) / "rewind_state.pt"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist (pre-training not finished?)")
-        return load_torch(path)
+        return verify.read_state(path, self._expected()[0])
 
     def _require_finished(self, level, rewind_step, replicate):
         self._level_path(level, rewind_step, replicate, "stats.json")
 
+    def eps(self) -> Optional[float]:
+        """The matching eps the run was given (``DIR/matching.json``), or None."""
+        path = self.dir / "matching.json"
+        if not path.exists():
+            return None
+        d = verify.read_json(path, "rerun `fastimp imp` with the same arguments (and --eps if "
+                                   "you gave one) to rewrite it")
+        eps = d.get("eps") if isinstance(d, dict) else "?"
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+            raise verify.CorruptFileError(path, f"holds eps {eps!r}, expected a number or null")
+        return eps
+
     def results(self) -> List[Dict[str, Any]]:
-        path = self.dir / "results.json"
-        return load_json(path) if path.exists() else []
+        """One entry per finished level (its ``stats.json`` + ``matching``), per replicate and
+        rewind step: what ``DIR/results.json`` holds, read from the levels themselves."""
+        from fastimp.imp.matching import summarize
+        rows = collect_results(self.dir, self.config)
+        matching = {(s["rewind_step"], s["level"]): s["matching"]
+                    for s in summarize(rows, eps=self.eps())}
+        for row in rows:
+            row["matching"] = matching.get((row["rewind_step"], row["level"]))
+        return rows
 
     def summary(self, eps: Optional[float] = None) -> List[Dict[str, Any]]:
         """Per rewind step and level: mean/std test error over replicates and ``matching``
         (Definition 2.2; eps = std of the dense replicates unless given)."""
         from fastimp.imp.matching import summarize
-        if eps is None and (self.dir / "matching.json").exists():
-            eps = load_json(self.dir / "matching.json").get("eps")  # the eps the run was given
-        return summarize(self.results(), eps=eps)
+        if eps is None:
+            eps = self.eps()  # the eps the run was given
+        return summarize(collect_results(self.dir, self.config), eps=eps)
 
     # -- model and data --------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:

@@ -19,7 +19,7 @@ import torch
 
 from fastimp._io import load_json, load_torch, save_json, save_torch
 from fastimp.imp.config import IMPConfig
-from fastimp.imp.folder import Run, level_dir, load_run, rewind_dir
+from fastimp.imp.folder import Run, collect_results, level_dir, load_run, rewind_dir
 from fastimp.imp.retraining import (DEFAULT_CHECKPOINT_EVERY, LevelTrainer, cpu_state,
                                      float_or_none, load_dataset, resolve_device)
 from fastimp.imp.matching import summarize
@@ -51,46 +51,13 @@ def _adaptive_fraction(model, masks, train_data, dense_stats: Dict[str, Any]) ->
     """Appendix F through ``fastimp.theory.adaptive_pruning_ratio``: the largest ratio whose
     pruned projection keeps the train loss on the linear path below the dense network's train
     loss + eps (eps = std of the per-batch train loss over its last epoch), at least 0.2."""
-    try:
-        from fastimp.theory import adaptive_pruning_ratio
-    except (ImportError, AttributeError):
-        raise RuntimeError(
-            "pruning_fraction='adaptive' (Appendix F) needs fastimp.theory.adaptive_pruning_ratio, "
-            "which this install does not provide; use a fixed pruning_fraction such as 0.2") \
-            from None
+    from fastimp.theory import adaptive_pruning_ratio
     if dense_stats.get("train_loss") is None or dense_stats.get("train_loss_epsilon") is None:
         raise RuntimeError("pruning_fraction='adaptive' needs the dense level's train loss and its "
                            "spread over the last epoch, which level 0 did not record")
     threshold = float(dense_stats["train_loss"]) + float(dense_stats["train_loss_epsilon"])
     solution = {k: v.detach() for k, v in model.state_dict().items()}
     return float(adaptive_pruning_ratio(model, solution, masks, train_data, threshold))
-
-
-def _merge_config(folder: Path, config: IMPConfig) -> IMPConfig:
-    """Union of this call's rewind steps / seeds / levels with those already in the folder."""
-    path = folder / "config.json"
-    if not path.exists():
-        return config
-    old = IMPConfig.from_dict(load_json(path))
-    if old.hashed_dict() != config.hashed_dict():
-        raise ValueError(f"{folder} holds a run with different hyperparameters (hash collision?)")
-    seeds = old.replicate_seeds + [s for s in config.replicate_seeds
-                                   if s not in old.replicate_seeds]
-    return config.replace(rewind_steps=sorted(set(old.rewind_steps) | set(config.rewind_steps)),
-                          seeds=seeds, levels=max(old.levels, config.levels))
-
-
-def collect_results(folder: Path, config: IMPConfig) -> List[Dict[str, Any]]:
-    rows = []
-    for r, seed in enumerate(config.replicate_seeds):
-        for tau in config.rewind_steps:
-            L = 0
-            while (level_dir(folder, seed, tau, L) / "stats.json").exists():
-                st = load_json(level_dir(folder, seed, tau, L) / "stats.json")
-                st["replicate"] = r
-                rows.append(st)
-                L += 1
-    return rows
 
 
 def write_results(folder: Path, config: IMPConfig, eps: Optional[float] = None):
@@ -201,38 +168,65 @@ def _level(ctx: LevelTrainer, folder: Path, tau: int, level: int, replicate: int
 
 def run(config: IMPConfig, out_dir, progress: bool = True, *,
         on_step: Optional[Callable] = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-        eps: Optional[float] = None) -> Run:
+        eps: Optional[float] = None, wait: bool = False,
+        on_wait: Optional[Callable] = None) -> Run:
     """Run (or resume) IMP; returns the :class:`Run` of ``out_dir/imp_<hash>``.
 
     ``on_step(step, model, optimizer)`` is called after every training step (tests use it to
     interrupt a run); training checkpoints are written every ``checkpoint_every`` steps.
     ``eps`` fixes the matching threshold (else the std of the dense replicates' test errors).
+
+    Everything is checked before anything is written (:mod:`fastimp.imp.preflight`). One process
+    at a time works on a run folder (:mod:`fastimp.imp.lock`): another one raises
+    ``RunLockedError`` naming it, or with ``wait=True`` waits for it (``on_wait(holder)`` first).
+    The folder's files are verified and bad ones recomputed (:mod:`fastimp.imp.verify`); temp
+    files of killed writers are deleted. Ctrl-C raises :class:`Interrupted` saying where.
     """
+    from fastimp._io import clean_stale_tmp
+    from fastimp.imp import preflight, verify
+    from fastimp.imp.lock import RunLock
     if not isinstance(config, IMPConfig):
         raise TypeError(f"config: expected an IMPConfig, got {type(config).__name__}")
     config.validate()
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected an int >= 1, got {checkpoint_every!r}")
     device = resolve_device(config.device)
-    folder = Path(out_dir) / config.folder_name()
-    folder.mkdir(parents=True, exist_ok=True)
-    merged = _merge_config(folder, config)
-    save_json(merged.to_dict(), folder / "config.json")
-    (folder / "analysis").mkdir(exist_ok=True)
+    plan = preflight.check(config, out_dir, device)  # nothing is written before this passes
+    folder = plan.folder
+    with RunLock(folder, wait=wait, on_wait=on_wait):
+        # again under the lock: another process may have extended the run meanwhile
+        merged = preflight.merge_config(preflight.read_config(folder), config, folder)
+        clean_stale_tmp(folder)
+        repair = verify.scan(folder, merged, plan.model)
+        verify.apply(repair)
+        save_json(merged.to_dict(), folder / "config.json")
+        (folder / "analysis").mkdir(exist_ok=True)
 
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps)
-    finally:
-        torch.set_num_threads(threads)
-    write_results(folder, merged, eps=eps)
+        threads = torch.get_num_threads()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        try:
+            _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps,
+                 dataset=plan.dataset)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted at {verify.interrupted_at(folder, merged)}; "
+                              "finished levels are kept and an unfinished one resumes from "
+                              f"its last checkpoint (every {checkpoint_every} steps): rerun the "
+                              "same command to resume") from None
+        finally:
+            torch.set_num_threads(threads)
+        verify.rebuild_init(repair, merged, plan.dataset.num_classes)
+        verify.confirm(repair, merged, plan.model, device)
+        write_results(folder, merged, eps=eps)
     return load_run(folder)
 
 
-def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps):
-    dataset = load_dataset(config, device=device)
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run`; the message says where it stopped and how to resume."""
+
+
+def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps, dataset=None):
+    dataset = dataset if dataset is not None else load_dataset(config, device=device)
     seeds = config.replicate_seeds
     todo = len(seeds) * len(config.rewind_steps) * (config.levels + 1)
     bar = None
