@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-# Imported (if present) before a report is written, so their register_section calls run.
+# Imported before a report is written, so their register_section calls run.
 SECTION_MODULES = ["fastimp.landscape.report", "fastimp.hessian.report", "fastimp.theory"]
 
 
@@ -78,13 +78,13 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
                        color=line[0].get_color(),
                        label=f"dense ± eps (rewind {tau})")
     ax.set_xscale("log")
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-    lo = min(100 * s["weights_remaining"] for s in summary)
-    ticks = [t for t in (100, 64, 41, 26.2, 16.8, 10.7, 6.9, 4.4, 2.8, 1.8, 1.2, 0.7, 0.5, 0.3,
-                         0.2, 0.1) if t >= 0.9 * lo]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
+    ticks = sorted({round(100 * s["weights_remaining"], 6) for s in summary}, reverse=True)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))  # one label per level's weights remaining
+    ax.xaxis.set_major_formatter(FixedFormatter([f"{t:.3g}" for t in ticks]))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if len(ticks) > 8:
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test error (%)")
@@ -103,6 +103,7 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
             rows = [row for row in results if row["rewind_step"] == tau and row["replicate"] == r]
             ax.plot([row["level"] for row in rows], [row["projection_distance"] for row in rows],
                     marker=".", label=f"rewind {tau}, replicate {r}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("level L")
     ax.set_ylabel(r"$\|w^{(L)} - m^{(L+1)} \odot w^{(L)}\|_2$")
     ax.set_title("distance of each pruning projection")
@@ -139,13 +140,18 @@ def write_report(folder, out: Optional[str] = None) -> Path:
     """Write ``report.md`` and its PNGs into ``out`` (default ``<run folder>/report``)."""
     from fastimp.imp import load_run
     run = load_run(folder)
-    for mod in SECTION_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not mod.startswith(exc.name):
-                raise
     report_dir = Path(out) if out is not None else run.dir / "report"
+    for p in (report_dir, *report_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"out (--out): {p} is a file, not a folder; pass a folder for "
+                                 "report.md and its figures")
+            break
+    if not run.summary():
+        raise ValueError(f"{run.dir}: nothing to report yet, no level has finished; run (or "
+                         "resume) `fastimp imp` with the same arguments first")
+    for mod in SECTION_MODULES:
+        importlib.import_module(mod)
     report_dir.mkdir(parents=True, exist_ok=True)
     c = run.config
     parts = [f"# fastimp report: {run.dir.name}", "",

@@ -1,30 +1,62 @@
-"""The ``fastimp`` command. Each subcommand lives in its own module with ``add_parser(sub)``."""
+"""The ``fastimp`` command. Each subcommand lives in its own module with ``add_parser(sub)``.
+
+Errors are one line (``fastimp CMD: error: ...``, exit status 2; ``FASTIMP_DEBUG=1`` shows the
+traceback instead); Ctrl-C is one line saying where it stopped (exit status 130)."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 from typing import List, Optional
 
 # Subcommand modules, in the order `fastimp --help` lists them.
 COMMANDS = ("imp", "report", "barrier", "plane", "hessian", "prune_scan", "backends_cmd")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (``default``
+    in the text) or there is none to show (``None``/``False``: the help says what happens)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(d) for d in default)
+        return f"{text} (default: {default})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastimp", description="Iterative Magnitude Pruning and error-landscape analyses.")
     from fastimp import __version__
     parser.add_argument("--version", action="version", version=f"fastimp {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"fastimp.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"fastimp.cli.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"fastimp.cli.{name}").add_parser(sub)
     return parser
+
+
+def _errors():
+    """What a command reports in one line: bad input, files, a busy or inconsistent run."""
+    from fastimp.imp.lock import RunLockedError
+    from fastimp.imp.verify import RecomputedDiffersError
+    return (ValueError, TypeError, OSError, RunLockedError, RecomputedDiffersError,
+            FloatingPointError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -33,8 +65,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    prog = f"fastimp {args.command}"
+    debug = os.environ.get("FASTIMP_DEBUG", "") not in ("", "0")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from fastimp.imp.verify import RecomputeWarning
+        if issubclass(category, RecomputeWarning):
+            print(f"{prog}: {message}", file=sys.stderr)
+        else:
+            _show(message, category, filename, lineno, file, line)
+    _show = warnings.showwarning
+    warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"fastimp {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: {_one_line(exc) if str(exc) else 'interrupted (Ctrl-C)'}",
+              file=sys.stderr)
+        return 130
+    except _errors() as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = _show

@@ -13,17 +13,30 @@ def add_parser(sub):
                         "mnist1d (small CPU default)")
     p.add_argument("--out", required=True, help="output folder; the run goes to OUT/imp_<hash>/")
     p.add_argument("--rewind-step", dest="rewind_steps", type=str, nargs="+", default=None,
-                   metavar="STEP", help="rewind step(s) tau in iterations (e.g. 0 250 2000it)")
-    p.add_argument("--levels", type=int, default=None, help="pruning levels after level 0")
+                   metavar="STEP", help="rewind step(s) tau in iterations, e.g. 0 250 2000it "
+                   "(default: the preset's)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="pruning levels after level 0 (default: the preset's)")
     p.add_argument("--strategy", choices=("wr", "lrr", "ft"), default=None,
-                   help="retraining: weight rewinding, lr rewinding or finetuning")
-    p.add_argument("--pruning", choices=("magnitude", "random"), default=None)
-    p.add_argument("--replicates", type=int, default=None)
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
+                   help="retraining: weight rewinding, lr rewinding or finetuning "
+                        "(default: the preset's)")
+    p.add_argument("--pruning", choices=("magnitude", "random"), default=None,
+                   help="prune the smallest weights, or random ones as a control "
+                        "(default: the preset's)")
+    p.add_argument("--replicates", type=int, default=None,
+                   help="independent runs (seeds 0..N-1), for means, stds and the matching eps "
+                        "(default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="seeds of the replicates, instead of --replicates (default: 0..N-1)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or auto (default: the preset's)")
     p.add_argument("--eps", type=float, default=None,
                    help="matching threshold (default: std of the dense replicates' test errors)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="training checkpoint period")
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS",
+                   help="training checkpoint period in steps")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is working on this run, wait for it to finish "
+                        "(default: exit with an error naming it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="IMPConfig overrides")
     p.set_defaults(func=main)
@@ -67,10 +80,18 @@ def format_summary(summary) -> str:
 
 
 def main(args) -> int:
+    import sys
+
     from fastimp.imp import run
+    from fastimp.imp.lock import describe_holder
     config = _config(args)
+
+    def on_wait(holder):
+        print(f"fastimp imp: waiting for {describe_holder(holder)} to finish ...",
+              file=sys.stderr, flush=True)
     result = run(config, args.out, progress=not args.no_progress,
-                 checkpoint_every=args.checkpoint_every, eps=args.eps)
+                 checkpoint_every=args.checkpoint_every, eps=args.eps, wait=args.wait,
+                 on_wait=on_wait)
     summary = result.summary(eps=args.eps)
     print(f"\nIMP run folder: {result.dir}")
     print(format_summary(summary))

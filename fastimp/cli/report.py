@@ -7,7 +7,7 @@ def add_parser(sub):
                        description="DIR is an IMP run folder (OUT/imp_<hash>) or an OUT holding "
                                    "exactly one.")
     p.add_argument("dir", help="IMP run folder")
-    p.add_argument("--out", default=None, help="report folder (default DIR/report)")
+    p.add_argument("--out", default=None, help="report folder (default: DIR/report)")
     p.set_defaults(func=main)
 
 

@@ -44,6 +44,6 @@ def landscape(run, report_dir: Path) -> Optional[str]:
         for p in planes:
             res = json.loads(p.read_text())
             png = f"landscape_{p.stem}.png"
-            plot_plane(res, res.get("kind", "imp"), p.stem, str(report_dir / png))
+            plot_plane(res, res.get("kind", "imp"), None, str(report_dir / png))
             lines += [f"![{p.stem}]({png})", ""]
     return "\n".join(lines) if lines else None
