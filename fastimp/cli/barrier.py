@@ -4,7 +4,7 @@
 
 def add_common(p):
     p.add_argument("dir", help="IMP run folder")
-    p.add_argument("--replicate", type=int, default=0)
+    p.add_argument("--replicate", type=int, default=0, help="replicate index (0..N-1)")
     p.add_argument("--bn", choices=["interpolate", "reset"], default="interpolate",
                    help="BatchNorm statistics: interpolated like the weights (the paper) or "
                         "recomputed per point on training data")
@@ -12,7 +12,8 @@ def add_common(p):
                    help="training examples for --bn reset (default 2048)")
     p.add_argument("--max-examples", type=int, default=None,
                    help="evaluate on the first N test examples (default: all)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per batch (default: the run's training batch size)")
     p.add_argument("--chunk-size", type=int, default=None, help="points per batched forward "
                    "(default: what fits in memory)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -14,7 +14,7 @@ def add_parser(sub):
     p.add_argument("dir", help="IMP run folder")
     p.add_argument("--level", type=int, required=True, help="IMP level L")
     p.add_argument("--rewind-step", type=int, default=None, help="default: the run's first")
-    p.add_argument("--replicate", type=int, default=0)
+    p.add_argument("--replicate", type=int, default=0, help="replicate index (0..N-1)")
     p.add_argument("--top-n", type=int, default=5, help="top eigenvalues (Lanczos)")
     p.add_argument("--tol", type=float, default=1e-4, help="eigenvalue relative error bound")
     p.add_argument("--iterations", type=int, default=128,
@@ -22,9 +22,12 @@ def add_parser(sub):
     p.add_argument("--runs", type=int, default=4, help="SLQ random starts (the paper: 4)")
     p.add_argument("--trace-samples", type=int, default=100, help="Hutchinson samples")
     p.add_argument("--subset", type=int, default=None,
-                   help="random subset of the train set (the paper: 25,000 on ImageNet)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--probes-per-pass", type=int, default=16)
+                   help="random subset of the train set (the paper: 25,000 on ImageNet; "
+                        "default: all of it)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per batch (default: the run's training batch size)")
+    p.add_argument("--probes-per-pass", type=int, default=16,
+                   help="Hessian-vector products per pass over the data")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="add weight_decay/2 |w|^2 to the loss (default: the data loss only)")
     p.add_argument("--eps", type=float, default=None,
@@ -33,7 +36,7 @@ def add_parser(sub):
                         "run's per-batch train loss over its last epoch, Appendix F)")
     p.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing width of the "
                    "density plot (default: 1%% of the spectrum's range)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probes and subset")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=run)
 

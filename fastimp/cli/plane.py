@@ -7,7 +7,9 @@ def add_parser(sub):
     p = sub.add_parser("plane", help="2-D error landscape slice around an IMP step (Figs. 3, 6)")
     add_common(p)
     p.add_argument("--level", type=int, required=True, help="level L")
-    p.add_argument("--kind", choices=["imp", "pruning"], default="imp")
+    p.add_argument("--kind", choices=["imp", "pruning"], default="imp",
+                   help="imp: w(L), its projection and w(L+1) (Fig. 3); pruning: magnitude vs "
+                        "random pruning of w(L) (Fig. 6)")
     p.add_argument("--rewind-step", type=int, default=None, help="default: the run's first")
     p.add_argument("--grid", type=int, default=51, help="grid points per axis (default 51)")
     p.add_argument("--ratio", type=float, default=0.2, help="pruning ratio for --kind pruning")

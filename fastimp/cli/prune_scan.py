@@ -19,7 +19,7 @@ def add_parser(sub):
     p.add_argument("dir", help="IMP run folder")
     p.add_argument("--level", type=int, required=True, help="IMP level L")
     p.add_argument("--rewind-step", type=int, default=None, help="default: the run's first")
-    p.add_argument("--replicate", type=int, default=0)
+    p.add_argument("--replicate", type=int, default=0, help="replicate index (0..N-1)")
     p.add_argument("--ratios", default=DEFAULT_RATIOS, help="comma-separated pruning ratios")
     p.add_argument("--methods", default="magnitude,random", help="magnitude and/or random")
     p.add_argument("--eps-matching", type=float, default=None,
@@ -29,7 +29,7 @@ def add_parser(sub):
                    help="R on the plot's x axis: ||w^(L) - m'⊙w^(L)|| (Section 3.3) or "
                         "||w^(L+1) - w^(L)|| (Appendix B)")
     p.add_argument("--seed", type=int, default=0, help="random pruning seed")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's)")
     p.set_defaults(func=run)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -212,10 +213,15 @@ class HVPOperator:
 
             def one(t):
                 return jvp(g, (self.params,), (t,))[1]
-            if k == 1:
-                return {n: h.unsqueeze(0) for n, h in one({n: t[0] for n, t in
-                                                           tangents.items()}).items()}
-            return vmap(one)(tangents)
+            with warnings.catch_warnings():
+                # torch's first forward-mode call scripts its decompositions with the deprecated
+                # torch.jit.script: a FutureWarning about torch's internals, not about fastimp
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated",
+                                        category=FutureWarning)
+                if k == 1:
+                    return {n: h.unsqueeze(0) for n, h in one({n: t[0] for n, t in
+                                                               tangents.items()}).items()}
+                return vmap(one)(tangents)
         with torch.enable_grad():
             params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
             loss = self._loss(params, x, y)

@@ -189,7 +189,7 @@ class Repair:
     levels: Set[Tuple[int, int, int]] = field(default_factory=set)   # (seed, tau, L): retrain
     rewind_states: Set[Tuple[int, int]] = field(default_factory=set)  # (seed, tau): pre-train
     init: Set[int] = field(default_factory=set)                        # seeds: rebuild init.pt
-    delete: Dict[Path, str] = field(default_factory=dict)             # bad file -> problem
+    delete: Dict[Path, Tuple[str, str]] = field(default_factory=dict)  # bad file: why, action
     # files later levels were built from that recomputing overwrites: path -> (bytes, content)
     keep: Dict[Path, Tuple[bytes, Any]] = field(default_factory=dict)
 
@@ -224,18 +224,18 @@ def scan(folder, config, model: torch.nn.Module) -> Repair:
             _, why = _bad(read_state, sdir / "init.pt", state)
             if why:
                 rep.init.add(seed)
-                rep.delete[sdir / "init.pt"] = why
+                rep.delete[sdir / "init.pt"] = (why, "rebuilding it")
         for ck in sorted(sdir.glob("pretrain_to_*.checkpoint.pt")):
             _, why = _bad(check_zip, ck)
             if why:
-                rep.delete[ck] = why
+                rep.delete[ck] = (why, "deleting it (pre-training starts over)")
         for tau in config.rewind_steps:
             rs = rewind_dir(folder, seed, tau) / "rewind_state.pt"
             if rs.exists():
                 _, why = _bad(read_state, rs, state)
                 if why:
                     rep.rewind_states.add((seed, tau))
-                    rep.delete[rs] = why
+                    rep.delete[rs] = (why, f"pre-training to step {tau} again")
             L = 0
             while level_dir(folder, seed, tau, L).is_dir():
                 _scan_level(rep, config, folder, seed, tau, L, state, shapes)
@@ -255,12 +255,14 @@ def _scan_level(rep: Repair, config, folder: Path, seed: int, tau: int, L: int, 
     if (d / "checkpoint.pt").exists():
         _, why = _bad(check_zip, d / "checkpoint.pt")
         if why:
-            rep.delete[d / "checkpoint.pt"] = why
+            rep.delete[d / "checkpoint.pt"] = (why, f"deleting it (level {L} starts over)")
     if not (d / "stats.json").exists():
         if mask_why:
-            rep.delete[mask_path] = mask_why
-            if L > 0 and (level_dir(folder, seed, tau, L - 1) / "stats.json").exists():
+            prev = level_dir(folder, seed, tau, L - 1)
+            if L > 0 and (prev / "stats.json").exists():
                 rep.levels.add((seed, tau, L - 1))  # the level that pruned it writes it again
+            rep.delete[mask_path] = (mask_why, f"retraining level {L - 1}, which pruned it"
+                                     if L > 0 else "writing it again")
         return
     bad = {}
     stats, why = _bad(read_stats, d / "stats.json", level=L, rewind_step=tau, seed=seed)
@@ -273,7 +275,8 @@ def _scan_level(rep: Repair, config, folder: Path, seed: int, tau: int, L: int, 
         mask_why = (f"keeps {masks.remaining()} of {masks.total()} weights, but stats.json says "
                     f"level {L} trained {stats['remaining']} of {stats['total']}")
     if mask_why:
-        rep.delete[mask_path] = mask_why
+        rep.delete[mask_path] = (mask_why, f"retraining level {L - 1}, which pruned it, and level "
+                                 f"{L}" if L > 0 else "retraining level 0")
         rep.levels.add((seed, tau, max(L - 1, 0)))
         if L > 0:
             rep.levels.add((seed, tau, L))  # trained under a mask we cannot check: again
@@ -293,8 +296,7 @@ def _scan_level(rep: Repair, config, folder: Path, seed: int, tau: int, L: int, 
     if bad:
         rep.levels.add((seed, tau, L))
         for name, why in bad.items():
-            if (d / name).exists():
-                rep.delete[d / name] = why
+            rep.delete[d / name] = (why, f"retraining level {L}")
 
 
 def _keep_consumed(rep: Repair, config, folder: Path, seed: int, tau: int, L: int, state, shapes):
@@ -317,17 +319,12 @@ def _keep_consumed(rep: Repair, config, folder: Path, seed: int, tau: int, L: in
 def apply(rep: Repair) -> None:
     """Warn about every bad file, delete it and the ``stats.json`` of every level to retrain (so
     the level loop trains it again), and rebuild ``init.pt``."""
-    for path, why in sorted(rep.delete.items()):
-        warnings.warn(f"{path} {why}: recomputing it", RecomputeWarning, stacklevel=3)
-        path.unlink()
+    for path, (why, action) in sorted(rep.delete.items()):
+        warnings.warn(f"{path} {why}: {action}", RecomputeWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
     from fastimp.imp.folder import level_dir
     for seed, tau, L in sorted(rep.levels):
-        stats = level_dir(rep.folder, seed, tau, L) / "stats.json"
-        if stats.exists():
-            if stats not in rep.delete:
-                warnings.warn(f"{stats.parent}: retraining this level (a file it wrote is bad)",
-                              RecomputeWarning, stacklevel=3)
-            stats.unlink(missing_ok=True)
+        (level_dir(rep.folder, seed, tau, L) / "stats.json").unlink(missing_ok=True)
 
 
 def rebuild_init(rep: Repair, config, num_classes: int) -> None:
