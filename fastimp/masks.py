@@ -44,6 +44,14 @@ def prunable(model: nn.Module, include: Include = None) -> Dict[str, nn.Paramete
         return {n: p for n, p in params.items() if n in wanted_set}
     chosen = set()
     for mod_name, module in model.named_modules():
+        if include is None and isinstance(module, PRUNABLE_TYPES) and \
+                _under_torch_prune(module, "weight"):
+            w = f"{mod_name}.weight" if mod_name else "weight"
+            raise ValueError(
+                f"prunable: {w!r} is under torch.nn.utils.prune ({w}_orig, {w}_mask); fastimp "
+                "prunes plain parameters: take its masks and remove the reparametrization with "
+                "masks = Masks.from_torch_prune(model, remove=True) (or call "
+                "torch.nn.utils.prune.remove on each pruned layer first)")
         for p_name, p in module.named_parameters(recurse=False):
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             if include is None:
@@ -53,6 +61,44 @@ def prunable(model: nn.Module, include: Include = None) -> Dict[str, nn.Paramete
             if keep:
                 chosen.add(id(p))
     return {n: p for n, p in params.items() if id(p) in chosen}
+
+
+def _under_torch_prune(module: nn.Module, p_name: str) -> bool:
+    """Whether ``module.<p_name>`` is a ``torch.nn.utils.prune`` reparametrization: a parameter
+    ``<p_name>_orig`` and a buffer ``<p_name>_mask`` (``<p_name>`` = their product)."""
+    return p_name + "_orig" in module._parameters and p_name + "_mask" in module._buffers
+
+
+def resolve_parameter(model: nn.Module, name: str) -> Optional[nn.Parameter]:
+    """The parameter a mask named ``name`` applies to: ``model``'s parameter ``name``, or for a
+    weight under ``torch.nn.utils.prune`` its ``<name>_orig`` (None when there is neither)."""
+    mod_name, _, p_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name)
+    except AttributeError:
+        return None
+    p = module._parameters.get(p_name)
+    if p is None and _under_torch_prune(module, p_name):
+        p = module._parameters[p_name + "_orig"]
+    return p
+
+
+def check_mask(t, name: str = "mask", shape=None) -> torch.Tensor:
+    """The one check of a binary mask: a tensor (bool, or numeric holding only 0 and 1) of
+    ``shape`` (when given) -> a bool tensor on its device (no copy when already bool)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    t = t.detach()
+    if t.dtype == torch.bool:
+        return t
+    if t.is_floating_point() or t.is_complex() or t.dtype in (
+            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        if t.numel() and not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(f"{name}: expected binary values (0/1 or bool), found other values")
+        return t != 0
+    raise TypeError(f"{name}: expected a bool or numeric tensor, got {t.dtype}")
 
 
 class LayerCount(NamedTuple):
@@ -66,21 +112,6 @@ class LayerCount(NamedTuple):
     @property
     def sparsity(self) -> float:
         return 1.0 - self.density
-
-
-def _as_bool_mask(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"Masks: mask {name!r}: expected a torch.Tensor, got {type(t).__name__}")
-    t = t.detach()
-    if t.dtype == torch.bool:
-        return t.clone(memory_format=torch.contiguous_format)
-    if t.is_floating_point() or t.is_complex() or t.dtype in (
-            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
-        if t.numel() and not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"Masks: mask {name!r}: expected binary values (0/1 or bool), found "
-                             f"other values")
-        return (t != 0).contiguous()
-    raise TypeError(f"Masks: mask {name!r}: expected a bool or numeric tensor, got {t.dtype}")
 
 
 class Masks(Mapping):
@@ -99,7 +130,8 @@ class Masks(Mapping):
         for name, t in masks.items():
             if not isinstance(name, str):
                 raise TypeError(f"Masks: keys must be parameter names (str), got {name!r}")
-            self._m[name] = _as_bool_mask(name, t)
+            self._m[name] = check_mask(t, f"Masks: mask {name!r}").clone(
+                memory_format=torch.contiguous_format)
         self._counts: Optional[Dict[str, int]] = dict(_counts) if _counts is not None else None
 
     # --- construction -------------------------------------------------------------------------
@@ -173,26 +205,29 @@ class Masks(Mapping):
 
     # --- use with a model ---------------------------------------------------------------------
     def _params(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        params = dict(model.named_parameters())
         out = {}
         for n, m in self._m.items():
-            if n not in params:
-                raise ValueError(f"Masks: the model has no parameter named {n!r}")
-            if params[n].shape != m.shape:
+            p = resolve_parameter(model, n)
+            if p is None:
+                raise ValueError(f"Masks: the model has no parameter named {n!r} (nor a "
+                                 f"torch.nn.utils.prune {n}_orig)")
+            if p.shape != m.shape:
                 raise ValueError(f"Masks: mask {n!r} has shape {tuple(m.shape)} but the parameter "
-                                 f"has shape {tuple(params[n].shape)}")
-            out[n] = params[n]
+                                 f"has shape {tuple(p.shape)}")
+            out[n] = p
         return out
 
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> nn.Module:
-        """Zero the pruned weights of ``model`` in place (w ← m ⊙ w); returns ``model``."""
+        """Zero the pruned weights of ``model`` in place (w ← m ⊙ w); returns ``model``. A weight
+        under ``torch.nn.utils.prune`` has its ``<name>_orig`` zeroed."""
         for n, p in self._params(model).items():
             p.mul_(self._m[n].to(p.device))
         return model
 
     def for_params(self, model: nn.Module) -> Dict[nn.Parameter, torch.Tensor]:
-        """``{parameter: mask on its device}``, what :class:`fastimp.MaskedSGD` takes."""
+        """``{parameter: mask on its device}``, what :class:`fastimp.MaskedSGD` takes (for a
+        weight under ``torch.nn.utils.prune``: its ``<name>_orig``, the trained parameter)."""
         return {p: self._m[n].to(p.device) for n, p in self._params(model).items()}
 
     def to(self, device) -> "Masks":
@@ -256,47 +291,61 @@ class Masks(Mapping):
     # --- torch.nn.utils.prune interop ---------------------------------------------------------
     def to_torch_prune(self, model: nn.Module) -> nn.Module:
         """Install the masks as ``torch.nn.utils.prune`` reparametrizations (``<name>_orig``
-        parameter, ``<name>_mask`` buffer). An already pruned parameter gets its mask replaced."""
+        parameter, ``<name>_mask`` buffer). An already pruned parameter gets its mask replaced.
+        A tied weight (one parameter in several modules) is pruned in every module holding it."""
         from torch.nn.utils import prune
-        modules = dict(model.named_modules())
         for n, m in self._m.items():
-            mod_name, _, p_name = n.rpartition(".")
-            if mod_name not in modules:
-                raise ValueError(f"Masks.to_torch_prune: the model has no module {mod_name!r}")
-            module = modules[mod_name]
-            mask_buf = getattr(module, p_name + "_mask", None)
-            if isinstance(mask_buf, torch.Tensor) and hasattr(module, p_name + "_orig"):
-                orig = getattr(module, p_name + "_orig")
-                if orig.shape != m.shape:
-                    raise ValueError(f"Masks.to_torch_prune: mask {n!r} has shape "
-                                     f"{tuple(m.shape)}, parameter has {tuple(orig.shape)}")
-                with torch.no_grad():
-                    mask_buf.copy_(m.to(mask_buf.device, mask_buf.dtype))
-                setattr(module, p_name, orig * mask_buf)
-            else:
-                p = module._parameters.get(p_name)
-                if p is None:
-                    raise ValueError(f"Masks.to_torch_prune: the model has no parameter {n!r}")
-                if p.shape != m.shape:
-                    raise ValueError(f"Masks.to_torch_prune: mask {n!r} has shape "
-                                     f"{tuple(m.shape)}, parameter has {tuple(p.shape)}")
-                prune.custom_from_mask(module, p_name, m.to(p.device, p.dtype))
+            p = resolve_parameter(model, n)
+            if p is None:
+                raise ValueError(f"Masks.to_torch_prune: the model has no parameter {n!r}")
+            if p.shape != m.shape:
+                raise ValueError(f"Masks.to_torch_prune: mask {n!r} has shape "
+                                 f"{tuple(m.shape)}, parameter has {tuple(p.shape)}")
+            for module, p_name in _aliases(model, p):
+                if _under_torch_prune(module, p_name):
+                    mask_buf = module._buffers[p_name + "_mask"]
+                    with torch.no_grad():
+                        mask_buf.copy_(m.to(mask_buf.device, mask_buf.dtype))
+                    setattr(module, p_name, module._parameters[p_name + "_orig"] * mask_buf)
+                else:
+                    prune.custom_from_mask(module, p_name, m.to(p.device, p.dtype))
         return model
 
     @classmethod
-    def from_torch_prune(cls, model: nn.Module) -> "Masks":
+    def from_torch_prune(cls, model: nn.Module, remove: bool = False) -> "Masks":
         """Masks from the ``<name>_mask`` buffers ``torch.nn.utils.prune`` leaves in a model,
-        keyed ``<module>.<name>`` (the name the parameter had before pruning)."""
+        keyed ``<module>.<name>`` (the name the parameter had before pruning). ``remove=True``
+        also undoes the reparametrization (``torch.nn.utils.prune.remove``: ``<name>`` becomes a
+        plain parameter holding m ⊙ w), so the model works with everything in fastimp."""
         out = {}
+        pruned = []
         for mod_name, module in model.named_modules():
-            for b_name, buf in module.named_buffers(recurse=False):
+            for b_name, buf in list(module.named_buffers(recurse=False)):
                 if not b_name.endswith("_mask"):
                     continue
                 p_name = b_name[:-len("_mask")]
-                if p_name + "_orig" not in module._parameters:
+                if not _under_torch_prune(module, p_name):
                     continue
                 out[f"{mod_name}.{p_name}" if mod_name else p_name] = buf
+                pruned.append((module, p_name))
         if not out:
             raise ValueError("Masks.from_torch_prune: the model has no torch.nn.utils.prune "
                              "masks (no '<name>_mask' buffers next to '<name>_orig' parameters)")
-        return cls(out)
+        masks = cls(out)
+        if remove:
+            from torch.nn.utils import prune
+            for module, p_name in pruned:
+                prune.remove(module, p_name)
+        return masks
+
+
+def _aliases(model: nn.Module, p: torch.Tensor):
+    """Every (module, name) holding parameter ``p``, directly or as ``<name>_orig``."""
+    out = []
+    for module in model.modules():
+        for key, q in module._parameters.items():
+            if q is p:
+                name = key[:-len("_orig")] if key.endswith("_orig") and \
+                    _under_torch_prune(module, key[:-len("_orig")]) else key
+                out.append((module, name))
+    return out

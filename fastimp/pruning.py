@@ -2,7 +2,8 @@
 
 Both remove exactly k = round(fraction · n) of the n weights that are still unmasked
 (Python's round, half to even): ``scope="global"`` counts n over all prunable tensors together,
-``scope="layer"`` per tensor. Magnitude pruning removes the smallest |w| first; ties are broken by
+``scope="layer"`` per tensor. One rule for ``fraction`` in [0, 1]: at least one weight must
+remain, so k = n > 0 (``fraction=1``, or 0.999999 of fewer than 500,000 weights) is an error. Magnitude pruning removes the smallest |w| first; ties are broken by
 position — tensors in prunable (``named_parameters()``) order, then row-major flat index, the
 earlier position pruned first — so the result is deterministic and the same on every backend.
 Only unmasked weights are looked at: pruned weights may hold any value.
@@ -25,12 +26,40 @@ WeightsLike = Union[nn.Module, Mapping]
 def _check_fraction(fraction, fn: str) -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) and not (
             isinstance(fraction, torch.Tensor) and fraction.numel() == 1):
-        raise TypeError(f"{fn}: argument 'fraction': expected a number in [0, 1), got "
+        raise TypeError(f"{fn}: argument 'fraction': expected a number in [0, 1], got "
                         f"{type(fraction).__name__}")
     f = float(fraction)
-    if not (0.0 <= f < 1.0):
-        raise ValueError(f"{fn}: argument 'fraction': expected a number in [0, 1), got {f}")
+    if not (0.0 <= f <= 1.0):
+        raise ValueError(f"{fn}: argument 'fraction': expected a number in [0, 1], got {f}")
     return f
+
+
+def _count(fraction: float, n: int, fn: str, where: str = "") -> int:
+    """k = round(fraction · n), which must leave at least one of the n weights."""
+    k = round(fraction * n)
+    if n and k >= n:
+        raise ValueError(f"{fn}: argument 'fraction': {fraction} of the {n} unmasked weights"
+                         f"{where} rounds to all of them; at least one must remain")
+    return k
+
+
+def _n_free(w: torch.Tensor, m: Optional[torch.Tensor]) -> int:
+    return w.numel() if m is None else int(m.count_nonzero())
+
+
+def _threshold(ws, ms, names, k: int, backend: str, fn: str):
+    """``magnitude_threshold`` with its non-finite error naming the parameter."""
+    try:
+        return magnitude_threshold(ws, ms, k, backend=backend)
+    except ValueError as exc:
+        if "NaN or inf" not in str(exc):
+            raise
+        bad = {n: int((~torch.isfinite(w if m is None else w[m])).sum())
+               for n, w, m in zip(names, ws, ms if ms is not None else [None] * len(ws))}
+        bad = {n: c for n, c in bad.items() if c}
+        raise ValueError(f"{fn}: {sum(bad.values())} unmasked weights are NaN or inf (in "
+                         f"{', '.join(f'{n!r} ({c})' for n, c in bad.items())}): the weights "
+                         "diverged or are corrupt") from None
 
 
 def _gather(model_or_weights: WeightsLike, masks, include: Include,
@@ -97,15 +126,16 @@ def prune_magnitude(model_or_weights: WeightsLike, fraction: float, masks=None,
     if scope not in ("global", "layer"):
         raise ValueError(f"{fn}: argument 'scope': expected 'global' or 'layer', got {scope!r}")
     names, ws, ms = _gather(model_or_weights, masks, include, fn)
+    free = [_n_free(w, None if ms is None else ms[i]) for i, w in enumerate(ws)]
     if scope == "global":
-        sel = magnitude_threshold(ws, ms, fraction=fraction, backend=backend)
-        out = sel.masks
+        k = _count(fraction, sum(free), fn)
+        out = _threshold(ws, ms, names, k, backend, fn).masks
     else:
         out = []
         for i, w in enumerate(ws):
-            sel = magnitude_threshold([w], None if ms is None else [ms[i]], fraction=fraction,
-                                      backend=backend)
-            out.append(sel.masks[0])
+            k = _count(fraction, free[i], fn, f" of {names[i]!r}")
+            m = None if ms is None else [ms[i]]
+            out.append(_threshold([w], m, [names[i]], k, backend, fn).masks[0])
     return Masks._trusted(dict(zip(names, out)))
 
 
@@ -135,7 +165,7 @@ def prune_random(model_or_weights: WeightsLike, fraction: float, masks=None,
     out: Dict[str, torch.Tensor] = {}
     if scope == "global":
         n = sum(counts)
-        keep = _random_keep(n, round(fraction * n), generator, ws[0].device)
+        keep = _random_keep(n, _count(fraction, n, fn), generator, ws[0].device)
         off = 0
         for name, m, c in zip(names, free, counts):
             o = torch.zeros(m.shape, dtype=torch.bool, device=m.device)
@@ -144,7 +174,7 @@ def prune_random(model_or_weights: WeightsLike, fraction: float, masks=None,
             out[name] = o
     else:
         for name, m, c in zip(names, free, counts):
-            keep = _random_keep(c, round(fraction * c), generator, m.device)
+            keep = _random_keep(c, _count(fraction, c, fn, f" of {name!r}"), generator, m.device)
             o = torch.zeros(m.shape, dtype=torch.bool, device=m.device)
             o.view(-1)[m.reshape(-1)] = keep
             out[name] = o

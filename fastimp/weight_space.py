@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from fastimp.masks import Include, prunable
+from fastimp.masks import Include, check_mask, prunable
 
 
 class WeightSpace:
@@ -131,11 +131,9 @@ class WeightSpace:
             if n not in self.slices:
                 raise ValueError(f"WeightSpace.mask_vector: argument 'masks': the model has no "
                                  f"parameter named {n!r}")
-            if tuple(m.shape) != tuple(self.shapes[n]):
-                raise ValueError(f"WeightSpace.mask_vector: mask {n!r} has shape "
-                                 f"{tuple(m.shape)}, expected {tuple(self.shapes[n])}")
+            m = check_mask(m, f"WeightSpace.mask_vector: mask {n!r}", self.shapes[n])
             a, b = self.slices[n]
-            v[a:b] = m.reshape(-1).to(device=v.device) != 0
+            v[a:b] = m.reshape(-1).to(device=v.device)
         return v
 
     def project(self, w: torch.Tensor, masks: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:

@@ -272,7 +272,7 @@ def test_prune_magnitude_counts_and_inputs():
 
 def test_prune_magnitude_errors():
     model = _net()
-    for bad in (-0.1, 1.0, 1.5, float("nan")):
+    for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="'fraction'"):
             prune_magnitude(model, bad)
     with pytest.raises(TypeError, match="'fraction'"):
@@ -293,8 +293,28 @@ def test_prune_magnitude_errors():
         prune_magnitude([torch.ones(3)], 0.1)
     with torch.no_grad():
         model.fc.weight[2, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="NaN or inf \\(in 'fc.weight' \\(1\\)\\)"):
         prune_magnitude(model, 0.1)
+
+
+@pytest.mark.parametrize("prune", ["magnitude", "random"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_one_rule_for_fractions(prune, scope):
+    """k = round(fraction * n) must leave a weight: 1.0 and 0.999999 fail alike; anything that
+    leaves one passes, whatever the fraction."""
+    fn = prune_magnitude if prune == "magnitude" else prune_random
+    model = _net()
+    n = {"global": sum(p.numel() for p in fastimp.prunable(model).values()),
+         "layer": min(p.numel() for p in fastimp.prunable(model).values())}[scope]
+    for f in (1.0, 0.999999, 1 - 0.4 / n):
+        with pytest.raises(ValueError, match="rounds to all of them; at least one must remain"):
+            fn(model, f, scope=scope)
+    m = fn(model, 1 - 0.6 / n, scope=scope)  # rounds to n - 1
+    counts = [c.remaining for c in m.per_layer().values()]
+    assert (m.remaining() == 1) if scope == "global" else (min(counts) == 1)
+    # what is already pruned does not count: 1.0 of nothing left is nothing to do
+    none_left = {k: torch.zeros_like(v) for k, v in m.items()}
+    assert fn(model, 1.0, none_left, scope=scope) == none_left
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
@@ -325,7 +345,7 @@ def test_prune_random(scope):
 def test_prune_random_errors():
     model = _net()
     with pytest.raises(ValueError, match="'fraction'"):
-        prune_random(model, 1.0)
+        prune_random(model, 1.5)
     with pytest.raises(TypeError, match="'generator'"):
         prune_random(model, 0.1, generator=3)
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from fastimp.masks import check_mask
+
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 METHODS = ("auto", "forward-over-reverse", "double-backward")
@@ -144,13 +146,7 @@ class HVPOperator:
             if n not in masks:
                 self.index.append(None)
                 continue
-            m = torch.as_tensor(masks[n])
-            if tuple(m.shape) != shape:
-                raise ValueError(f"masks[{n!r}]: expected shape {shape}, got {tuple(m.shape)}")
-            if m.dtype != torch.bool:
-                if not bool(((m == 0) | (m == 1)).all()):
-                    raise ValueError(f"masks[{n!r}]: expected a binary (bool) mask")
-                m = m.bool()
+            m = check_mask(torch.as_tensor(masks[n]), f"masks[{n!r}]", shape)
             self.index.append(m.reshape(-1).nonzero().squeeze(1).to(self.device))
         self.sizes = [math.prod(s) if i is None else int(i.numel())
                       for s, i in zip(self.shapes, self.index)]

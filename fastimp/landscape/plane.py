@@ -100,22 +100,11 @@ def plane(model: nn.Module, p0, p1, p2, data, *, grid: int = 51,
                        tuple(labels), gram, matching_error)
 
 
-def _mask_multiplier(layout: StateLayout, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    m = torch.ones(layout.D)
-    for name, shape, o, n, is_param in layout.entries:
-        if is_param and name in masks:
-            t = masks[name]
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"masks: {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            m[o:o + n] = t.reshape(-1).float()
-    return m
-
-
 def project(model: nn.Module, w, masks: Mapping[str, torch.Tensor], include=None) -> torch.Tensor:
     """m ⊙ w as a flat vector of the landscape layout (non-prunable coordinates unchanged)."""
     layout = StateLayout(model, include)
     flat = layout.flatten(w)
-    return flat * _mask_multiplier(layout, masks).to(flat.device)
+    return flat * layout.mask_vector(masks).to(flat.device)
 
 
 def imp_step_plane(model: nn.Module, w_L, mask_next: Mapping[str, torch.Tensor], w_next, data,

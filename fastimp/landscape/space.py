@@ -1,6 +1,6 @@
-"""The flat layout the landscape works in: every float parameter (in ``named_parameters()`` order,
-the same order as :class:`fastimp.WeightSpace`'s ``flat()``) followed by every float buffer
-(BatchNorm running statistics), with the prunable coordinates marked."""
+"""The flat layout the landscape works in: :class:`fastimp.WeightSpace`'s coordinates (every
+parameter in ``named_parameters()`` order, the paper's w in R^D, with its prunable coordinates)
+followed by every float buffer (BatchNorm running statistics), which move with the weights."""
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -8,55 +8,40 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-_PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def prunable_names(model: nn.Module, include=None) -> List[str]:
-    """Names of the prunable parameters: :func:`fastimp.prunable` when it is there, else the
-    weights of Conv1d/2d/3d and Linear layers (paper, Appendix B "Pruning")."""
-    try:
-        from fastimp.masks import prunable
-    except ImportError:
-        prunable = None
-    if prunable is not None:
-        return list(prunable(model, include))
-    if include is not None:
-        if callable(include):
-            modules = dict(model.named_modules())
-            return [n for n, p in model.named_parameters()
-                    if include(n, modules[n.rpartition(".")[0]], p)]
-        return list(include)
-    return [f"{mn}.weight" if mn else "weight" for mn, m in model.named_modules()
-            if isinstance(m, _PRUNABLE_TYPES) and getattr(m, "weight", None) is not None]
+from fastimp.weight_space import WeightSpace
 
 
 class StateLayout:
     """Where each float parameter and buffer of ``model`` lives in a flat vector of length ``D``.
 
-    ``D_params`` coordinates of parameters come first, then ``D - D_params`` of buffers.
+    ``D_params`` coordinates of parameters come first (``.space``, a :class:`WeightSpace`: the
+    same order, prunable coordinates and masks), then ``D - D_params`` of buffers.
     ``prunable`` is a bool tensor [D] (buffers are never prunable).
     """
 
     def __init__(self, model: nn.Module, include=None):
+        self.space = WeightSpace(model, include)
         self.entries: List[Tuple[str, torch.Size, int, int, bool]] = []  # name, shape, off, n, is_param
-        off = 0
-        for name, p in model.named_parameters():
-            self.entries.append((name, p.shape, off, p.numel(), True))
-            off += p.numel()
-        self.D_params = off
+        for name in self.space.names:
+            a, b = self.space.slices[name]
+            self.entries.append((name, self.space.shapes[name], a, b - a, True))
+        self.D_params = off = self.space.D
         for name, b in model.named_buffers():
             if b.is_floating_point():
                 self.entries.append((name, b.shape, off, b.numel(), False))
                 off += b.numel()
         self.D = off
-        names = set(prunable_names(model, include))
-        self.prunable = torch.zeros(self.D, dtype=torch.bool)
-        for name, _, o, n, is_param in self.entries:
-            if is_param and name in names:
-                self.prunable[o:o + n] = True
-        self.param_names = [e[0] for e in self.entries if e[4]]
+        self.prunable = torch.cat([self.space.prunable_coords.cpu(),
+                                   torch.zeros(self.D - self.D_params, dtype=torch.bool)])
+        self.param_names = list(self.space.names)
         self.buffer_names = [e[0] for e in self.entries if not e[4]]
         self._reference = model
+
+    def mask_vector(self, masks: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        """bool [D] (CPU): False on the pruned coordinates of ``masks``
+        (:meth:`WeightSpace.mask_vector`; buffers are always free)."""
+        return torch.cat([self.space.mask_vector(masks).cpu(),
+                          torch.ones(self.D - self.D_params, dtype=torch.bool)])
 
     def flatten(self, src, dtype=torch.float32, buffers_from=None) -> torch.Tensor:
         """A flat vector [D] from a model, a state dict, or a vector of length ``D`` or
@@ -80,9 +65,10 @@ class StateLayout:
             missing = [e[0] for e in self.entries if e[0] not in src]
             if missing:
                 raise ValueError(f"state dict is missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
-            parts = [src[e[0]].detach().reshape(-1).to(dtype) for e in self.entries]
-            dev = parts[0].device if parts else "cpu"
-            return torch.cat([t.to(dev) for t in parts]) if parts else torch.zeros(0, dtype=dtype)
+            w = self.space.flatten(src).to(dtype)
+            tail = [src[n].detach().reshape(-1).to(dtype=dtype, device=w.device)
+                    for n in self.buffer_names]
+            return torch.cat([w] + tail) if tail else w
         raise TypeError(f"expected a model, a state dict or a flat tensor, got {type(src).__name__}")
 
     def views(self, W: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
