@@ -132,15 +132,15 @@ def max_pruning_ratio(spectrum: Spectrum, eps: float, R: Union[float, np.ndarray
     return float(lo)
 
 
-def train_loss_epsilon(train_losses: Sequence[float], test_errors: Sequence[float],
-                       dense_test_error: float, solution_train_loss: float) -> float:
+def train_loss_epsilon_appendix_b(train_losses: Sequence[float], test_errors: Sequence[float],
+                                  dense_test_error: float, solution_train_loss: float) -> float:
     """ε^(L)_train of Appendix B ("Threshold training dimension"): fit train loss linearly
     against test error over random-pruning experiments (the paper: at level 4), read off
     L_matching = the train loss at the dense network's test error E_dense, and subtract the level-L
     solution's train loss: ε = L_matching − L_train(w^(L)).
 
     (Appendix F's ε — the std of the per-batch train loss over the dense run's last epoch — is
-    ``fastimp.training.train_loss_epsilon``.)"""
+    ``fastimp.training.train_loss_epsilon_appendix_f``.)"""
     x = np.asarray(test_errors, dtype=np.float64).ravel()
     y = np.asarray(train_losses, dtype=np.float64).ravel()
     if x.shape != y.shape:
@@ -155,6 +155,17 @@ def train_loss_epsilon(train_losses: Sequence[float], test_errors: Sequence[floa
     return float(slope * float(dense_test_error) + intercept - float(solution_train_loss))
 
 
+def train_loss_epsilon(train_losses, test_errors, dense_test_error, solution_train_loss) -> float:
+    """Deprecated name of :func:`train_loss_epsilon_appendix_b`."""
+    import warnings
+    warnings.warn("fastimp.theory.train_loss_epsilon is deprecated: call "
+                  "train_loss_epsilon_appendix_b (Appendix B's eps; Appendix F's is "
+                  "fastimp.training.train_loss_epsilon_appendix_f)", DeprecationWarning,
+                  stacklevel=2)
+    return train_loss_epsilon_appendix_b(train_losses, test_errors, dense_test_error,
+                                         solution_train_loss)
+
+
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -163,17 +174,12 @@ def _path_losses(model, solution, pruned, data, ts, loss_fn, device) -> np.ndarr
     BN buffers are equal in both)."""
     import torch
     if loss_fn is None:
-        try:
-            from fastimp.landscape.evaluate import evaluate
-        except ImportError:
-            evaluate = None
-        if evaluate is not None:
-            direction = {k: (pruned[k] - v) if v.is_floating_point() else v
-                         for k, v in solution.items()}
-            coeffs = torch.as_tensor(np.asarray(ts, dtype=np.float32)).reshape(-1, 1)
-            ev = evaluate(model, solution, [direction], coeffs, data, device=device)
-            return ev.loss.numpy()
-        loss_fn = torch.nn.functional.cross_entropy
+        from fastimp.landscape.evaluate import evaluate
+        direction = {k: (pruned[k] - v) if v.is_floating_point() else v
+                     for k, v in solution.items()}
+        coeffs = torch.as_tensor(np.asarray(ts, dtype=np.float32)).reshape(-1, 1)
+        ev = evaluate(model, solution, [direction], coeffs, data, device=device)
+        return ev.loss.numpy()
     import copy
     net = copy.deepcopy(model).to(device).eval()
     out = []
@@ -253,7 +259,8 @@ def adaptive_pruning_ratio(model, solution, masks, data, threshold: float,
     """Appendix F's adaptive pruning ratio for level L: the largest p in ``ratios`` whose pruned
     projection stays in the train LCS-set (the train loss along the linear path from the level-L
     ``solution`` to its magnitude-pruned projection stays below ``threshold`` = dense train loss
-    + ε, ε = ``fastimp.training.train_loss_epsilon``), then max(p, ``floor``) (the paper: 0.2).
+    + ε, ε = ``fastimp.training.train_loss_epsilon_appendix_f``), then max(p, ``floor``) (the
+    paper: 0.2).
     ``masks`` = the level-L mask (what the new mask prunes further). See
     ``adaptive_pruning_scan`` for ``kwargs`` (n_points, loss_fn, device, ...)."""
     if not (isinstance(floor, (int, float)) and 0 <= floor < 1):

@@ -24,7 +24,8 @@ from . import durations
 from .data import Dataset, FolderLoader, Loader
 
 __all__ = ["TrainConfig", "TrainResult", "Checkpoint", "make_loader", "make_optimizer",
-           "make_scheduler", "train", "evaluate", "train_loss_epsilon"]
+           "make_scheduler", "train", "evaluate", "train_loss_epsilon_appendix_f",
+           "train_loss_epsilon"]
 
 _SCHEDULES = ("step", "cosine", "constant")
 
@@ -158,11 +159,14 @@ class TrainResult:
 
     @property
     def train_loss_epsilon(self) -> float:
-        return train_loss_epsilon(self.losses, self.iterations_per_epoch)
+        """Appendix F's eps: :func:`train_loss_epsilon_appendix_f` of these losses."""
+        return train_loss_epsilon_appendix_f(self.losses, self.iterations_per_epoch)
 
 
-def train_loss_epsilon(losses, iterations_per_epoch: int) -> float:
-    """Std (unbiased) of the per-batch train loss over the last epoch (Appendix F's epsilon)."""
+def train_loss_epsilon_appendix_f(losses, iterations_per_epoch: int) -> float:
+    """Appendix F's eps of the train LCS-set: std (unbiased) of the per-batch train loss over the
+    last epoch of (dense) training. (Appendix B's eps, fitted from random-pruning experiments, is
+    ``fastimp.theory.train_loss_epsilon_appendix_b``.)"""
     t = torch.as_tensor(losses, dtype=torch.float64).flatten()
     if isinstance(iterations_per_epoch, bool) or not isinstance(iterations_per_epoch, int) \
             or iterations_per_epoch < 1:
@@ -171,6 +175,16 @@ def train_loss_epsilon(losses, iterations_per_epoch: int) -> float:
     if last.numel() < 2:
         return float("nan")
     return float(last.std())
+
+
+def train_loss_epsilon(losses, iterations_per_epoch: int) -> float:
+    """Deprecated name of :func:`train_loss_epsilon_appendix_f`."""
+    import warnings
+    warnings.warn("fastimp.training.train_loss_epsilon is deprecated: call "
+                  "train_loss_epsilon_appendix_f (Appendix F's eps; Appendix B's is "
+                  "fastimp.theory.train_loss_epsilon_appendix_b)", DeprecationWarning,
+                  stacklevel=2)
+    return train_loss_epsilon_appendix_f(losses, iterations_per_epoch)
 
 
 # ---------------------------------------------------------------------------- building blocks

@@ -110,14 +110,16 @@ def test_max_pruning_ratio_with_R_of_f():
 
 
 def test_train_loss_epsilon_appendix_b():
+    with pytest.warns(DeprecationWarning, match="train_loss_epsilon_appendix_b"):
+        assert theory.train_loss_epsilon([1.0, 2.0], [0.1, 0.3], 0.2, 1.0) == pytest.approx(0.5)
     # loss = 2 * error + 0.1 exactly; E_dense = 0.2 -> L_matching = 0.5; level loss 0.3 -> 0.2
     errors = [0.1, 0.3, 0.5, 0.25]
     losses = [2 * e + 0.1 for e in errors]
-    assert theory.train_loss_epsilon(losses, errors, 0.2, 0.3) == pytest.approx(0.2)
+    assert theory.train_loss_epsilon_appendix_b(losses, errors, 0.2, 0.3) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="test_errors"):
-        theory.train_loss_epsilon([1.0, 2.0], [0.1], 0.2, 0.3)
+        theory.train_loss_epsilon_appendix_b([1.0, 2.0], [0.1], 0.2, 0.3)
     with pytest.raises(ValueError, match="test_errors"):
-        theory.train_loss_epsilon([1.0, 2.0], [0.1, 0.1], 0.2, 0.3)
+        theory.train_loss_epsilon_appendix_b([1.0, 2.0], [0.1, 0.1], 0.2, 0.3)
 
 
 def _trained_tiny(seed=0):

@@ -7,7 +7,7 @@ from torch import nn
 
 from fastimp import data, models
 from fastimp.training import (Checkpoint, TrainConfig, evaluate, make_optimizer, make_scheduler,
-                              train, train_loss_epsilon)
+                              train, train_loss_epsilon, train_loss_epsilon_appendix_f)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -270,11 +270,14 @@ def test_evaluate_dataset_uses_test_split_in_eval_mode():
 
 def test_train_loss_epsilon_is_std_of_last_epoch():
     losses = torch.tensor([9.0, 9.0, 1.0, 2.0, 4.0])
-    assert train_loss_epsilon(losses, 3) == pytest.approx(float(np.std([1.0, 2.0, 4.0], ddof=1)))
-    assert train_loss_epsilon([1.0, 3.0], 5) == pytest.approx(float(np.std([1, 3], ddof=1)))
-    assert math.isnan(train_loss_epsilon([1.0], 5))
+    with pytest.warns(DeprecationWarning, match="train_loss_epsilon_appendix_f"):
+        assert train_loss_epsilon(losses, 3) == train_loss_epsilon_appendix_f(losses, 3)
+    eps = train_loss_epsilon_appendix_f  # Appendix F's eps
+    assert eps(losses, 3) == pytest.approx(float(np.std([1.0, 2.0, 4.0], ddof=1)))
+    assert eps([1.0, 3.0], 5) == pytest.approx(float(np.std([1, 3], ddof=1)))
+    assert math.isnan(eps([1.0], 5))
     with pytest.raises(ValueError, match="iterations_per_epoch"):
-        train_loss_epsilon(losses, 0)
+        eps(losses, 0)
 
 
 @pytest.mark.gpu

@@ -110,9 +110,9 @@ def run(args) -> int:
     eps_train = None
     if len(rand) >= 2 and len({e["test_error"] for e in rand}) >= 2 and \
             level_stats.get("train_loss") is not None:
-        eps_train = theory.train_loss_epsilon([e["train_loss"] for e in rand],
-                                              [e["test_error"] for e in rand], dense_error,
-                                              level_stats["train_loss"])
+        eps_train = theory.train_loss_epsilon_appendix_b([e["train_loss"] for e in rand],
+                                                         [e["test_error"] for e in rand],
+                                                         dense_error, level_stats["train_loss"])
     state = {"level": args.level, "rewind_step": tau, "replicate": args.replicate,
              "dense_error": dense_error, "eps_matching": eps_matching, "eps_train": eps_train,
              "distance": args.distance, "results": sorted(results, key=lambda e: (e["method"],

@@ -239,6 +239,26 @@ def _working_copy(model: nn.Module, dev: torch.device) -> nn.Module:
     return net.eval()
 
 
+@dataclass
+class _Plan:
+    """What every chunk of points shares: the batched forward, the layout, the points' origin
+    [D], directions U [J, D] and clipping (non-prunable coordinates ``clip`` [D] and the
+    coefficient bounds ``lo``/``hi`` [J]), the data and the BatchNorm mode."""
+    fwd: _Forward
+    layout: StateLayout
+    origin: torch.Tensor
+    U: torch.Tensor
+    clip: torch.Tensor
+    lo: Optional[torch.Tensor]
+    hi: Optional[torch.Tensor]
+    data: Sequence
+    bn: str
+    train_data: Optional[Sequence]
+    bn_batches: Optional[int]
+    backend: str
+    device: torch.device
+
+
 def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "interpolate",
              train_data=None, bn_batches: Optional[int] = None, clip: Optional[Tuple] = None,
              chunk_size: Optional[int] = None, backend: str = "auto", device=None,
@@ -258,6 +278,24 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
       row of the chunk copied into a cached working model, then a plain forward) or ``"auto"``
       (:func:`auto_batching`). The caller's ``model`` is never modified.
     """
+    plan, C, first = _prepare(model, origin, directions, coeffs, data, bn, train_data,
+                              bn_batches, clip, backend, device, include, batching)
+    K = C.shape[0]
+    chunk_size = _chunk_size(plan, chunk_size, K, first)
+    errors = torch.zeros(K, dtype=torch.float64, device=plan.device)
+    losses = torch.zeros(K, dtype=torch.float64, device=plan.device)
+    n_total = _run_chunks(plan, C, chunk_size, errors, losses, progress)
+    if n_total == 0:
+        raise ValueError("data: expected at least one example")
+    denom = max(n_total, 1)
+    return Evaluation(error=(errors / denom).cpu(), loss=(losses / denom).cpu(),
+                      n=n_total if K else 0)
+
+
+def _prepare(model, origin, directions, coeffs, data, bn, train_data, bn_batches, clip, backend,
+             device, include, batching):
+    """Check the arguments of :func:`evaluate` -> (its :class:`_Plan`, coeffs [K, J] on the
+    device, the first batch of ``data`` or None when no default needed it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if bn not in ("interpolate", "reset"):
@@ -281,8 +319,7 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
     if not torch.isfinite(coeffs).all():
         raise ValueError("coeffs: expected finite values")
     C = coeffs.to(dev, torch.float32)
-    K, J = C.shape
-    cl = layout.prunable.logical_not().to(dev)
+    J = C.shape[1]
     lo = hi = None
     if clip is not None:
         lo, hi = clip
@@ -291,25 +328,38 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
         if lo.numel() != J or hi.numel() != J:
             raise ValueError(f"clip: expected (lo, hi) with {J} entries each")
     net = _working_copy(model, dev)
-    first = None  # the first batch, read only when the defaults below need it
+    first = None  # the first batch, read only when a default needs it
     if batching == "auto":
         first = next(iter(data))
         batching = auto_batching(net, dev, len(first[1]))
     elif batching not in ("vmap", "loop"):
         raise ValueError(f"batching: expected 'auto', 'vmap' or 'loop', got {batching!r}")
-    fwd = _Forward(net, layout, batching)
-    errors = torch.zeros(K, dtype=torch.float64, device=dev)
-    losses = torch.zeros(K, dtype=torch.float64, device=dev)
+    plan = _Plan(_Forward(net, layout, batching), layout, o, U, layout.prunable.logical_not().to(dev),
+                 lo, hi, data, bn, train_data, bn_batches, backend, dev)
+    return plan, C, first
+
+
+def _chunk_size(plan: _Plan, chunk_size, K: int, first) -> int:
+    """Points per chunk: ``chunk_size``, or what fits in memory (:func:`auto_chunk_size`)."""
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+        return chunk_size
+    if plan.fwd.batching == "vmap":
+        first = first if first is not None else next(iter(plan.data))
+        return auto_chunk_size(plan.fwd.model, plan.layout, first[0].to(plan.device), K,
+                               plan.device)
+    return int(max(1, min(K, _memory_budget(plan.device) // (plan.layout.D * 4))))
+
+
+def _run_chunks(plan: _Plan, C: torch.Tensor, chunk_size: int, errors: torch.Tensor,
+                losses: torch.Tensor, progress: bool) -> int:
+    """Every chunk of points into ``errors``/``losses`` [K]; a CUDA out-of-memory error halves
+    the chunk and redoes it. Returns the examples seen per point."""
+    K = C.shape[0]
     n_total = 0 if K else 1
-    if chunk_size is None:
-        if batching == "vmap":
-            first = first if first is not None else next(iter(data))
-            chunk_size = auto_chunk_size(net, layout, first[0].to(dev), K, dev)
-        else:
-            chunk_size = int(max(1, min(K, _memory_budget(dev) // (layout.D * 4))))
-    elif not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    W = torch.empty(min(chunk_size, max(K, 1)), layout.D, dtype=torch.float32, device=dev)
+    W = torch.empty(min(chunk_size, max(K, 1)), plan.layout.D, dtype=torch.float32,
+                    device=plan.device)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -319,8 +369,7 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
         while s < K:
             e = min(K, s + chunk_size)
             try:
-                n_total = _chunk(fwd, layout, o, U, C[s:e], cl, lo, hi, W[:e - s], data, bn,
-                                 train_data, bn_batches, backend, dev, errors[s:e], losses[s:e])
+                n_total = _chunk(plan, C[s:e], W[:e - s], errors[s:e], losses[s:e])
             except torch.cuda.OutOfMemoryError:
                 if chunk_size == 1:
                     raise
@@ -334,22 +383,22 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
             s = e
     if bar is not None:
         bar.close()
-    if n_total == 0:
-        raise ValueError("data: expected at least one example")
-    denom = max(n_total, 1)
-    return Evaluation(error=(errors / denom).cpu(), loss=(losses / denom).cpu(),
-                      n=n_total if K else 0)
+    return n_total
 
 
-def _chunk(fwd, layout, o, U, C, cl, lo, hi, Wk, data, bn, train_data, bn_batches, backend, dev,
-           errors, losses) -> int:
+def _chunk(plan: _Plan, C: torch.Tensor, Wk: torch.Tensor, errors: torch.Tensor,
+           losses: torch.Tensor) -> int:
     """Evaluate one chunk of points into ``errors``/``losses`` (views); returns the examples seen."""
-    weight_points(o, U, C, clip=cl, lo=lo, hi=hi, out=Wk, backend=backend)
-    params, buffers = layout.views(Wk)
-    if bn == "reset" and fwd.bns:
-        buffers = {**buffers, **fwd.bn_stats(params, lambda: _batches(train_data, dev), bn_batches)}
+    weight_points(plan.origin, plan.U, C, clip=plan.clip, lo=plan.lo, hi=plan.hi, out=Wk,
+                  backend=plan.backend)
+    params, buffers = plan.layout.views(Wk)
+    fwd = plan.fwd
+    if plan.bn == "reset" and fwd.bns:
+        buffers = {**buffers, **fwd.bn_stats(params, lambda: _batches(plan.train_data,
+                                                                      plan.device),
+                                             plan.bn_batches)}
     n = 0
-    for x, y in _batches(data, dev):
+    for x, y in _batches(plan.data, plan.device):
         logits = fwd.logits(params, buffers, x)  # [k, N, C]
         k, N, nc = logits.shape
         ce = F.cross_entropy(logits.reshape(k * N, nc), y.repeat(k), reduction="none")
