@@ -55,13 +55,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.3g}%"
 
 
-@register_section(order=0)
-def imp_curves(run, report_dir: Path) -> Optional[str]:
-    """Test error against weights remaining per rewind step (the paper's Fig. 11), log-x."""
-    summary = run.summary()
-    if not summary:
-        return None
+def plot_imp_error(summary, title: str = "", path=None):
+    """Test error against weights remaining per rewind step (the paper's Fig. 11): a log axis
+    with one label per level's weights remaining; ``summary`` = ``Run.summary()``."""
     plt = _plt()
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
     taus = sorted({s["rewind_step"] for s in summary})
     fig, ax = plt.subplots(figsize=(6, 4))
     for tau in taus:
@@ -78,9 +76,8 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
                        color=line[0].get_color(),
                        label=f"dense ± eps (rewind {tau})")
     ax.set_xscale("log")
-    from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
     ticks = sorted({round(100 * s["weights_remaining"], 6) for s in summary}, reverse=True)
-    ax.xaxis.set_major_locator(FixedLocator(ticks))  # one label per level's weights remaining
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FixedFormatter([f"{t:.3g}" for t in ticks]))
     ax.xaxis.set_minor_locator(NullLocator())
     if len(ticks) > 8:
@@ -88,17 +85,20 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test error (%)")
-    c = run.config
-    ax.set_title(f"IMP-{c.strategy.upper()} ({c.pruning}) {c.model} / {c.dataset}")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(report_dir / "imp_error.png", dpi=120)
-    plt.close(fig)
+    return _finish(fig, path)
 
-    results = run.results()
+
+def plot_projection_distance(results, path=None):
+    """||w^(L) - m^(L+1) . w^(L)|| per level (integer level ticks), one line per rewind step and
+    replicate; ``results`` = ``Run.results()``."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(6, 4))
-    for tau in taus:
+    for tau in sorted({row["rewind_step"] for row in results}):
         for r in sorted({row["replicate"] for row in results}):
             rows = [row for row in results if row["rewind_step"] == tau and row["replicate"] == r]
             ax.plot([row["level"] for row in rows], [row["projection_distance"] for row in rows],
@@ -110,8 +110,28 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(report_dir / "imp_projection.png", dpi=120)
-    plt.close(fig)
+    return _finish(fig, path)
+
+
+def _finish(fig, path):
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return None
+
+
+@register_section(order=0)
+def imp_curves(run, report_dir: Path) -> Optional[str]:
+    """Test error against weights remaining per rewind step (the paper's Fig. 11), log-x, and the
+    projection distance per level."""
+    summary = run.summary()
+    if not summary:
+        return None
+    c = run.config
+    plot_imp_error(summary, f"IMP-{c.strategy.upper()} ({c.pruning}) {c.model} / {c.dataset}",
+                   report_dir / "imp_error.png")
+    plot_projection_distance(run.results(), report_dir / "imp_projection.png")
 
     pf = c.pruning_fraction
     lines = ["## IMP: test error against weights remaining", "",

@@ -100,3 +100,89 @@ def test_imp_arguments_become_overrides():
     assert c.train.total_steps(390) == 62400  # the rest of the preset is kept
     c = _config(parse(["imp", "--preset", "mnist1d", "--out", "x", "--replicates", "5"]))
     assert c.replicate_seeds == [0, 1, 2, 3, 4]
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from fastimp.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            if not a.help:
+                missing.append(f"{name} {a.option_strings or a.dest}: no help")
+            elif a.option_strings and not a.required and a.default is not False:
+                helptext = p._get_formatter()._expand_help(a)
+                if "default" not in helptext.lower():
+                    missing.append(f"{name} {a.option_strings}: default not shown")
+        assert "(default: " in text or name == "backends"
+    assert missing == []
+    imp = sub.choices["imp"].format_help()
+    for opt in ("--pruning", "--replicates", "--seeds", "--wait"):
+        assert opt in imp
+    assert "(default: 500)" in " ".join(imp.split())  # --checkpoint-every
+
+
+def test_imp_plots_label_every_level(tmp_path):
+    """The error plot's log axis names every level's weights remaining; the projection plot's
+    level axis has integer ticks only."""
+    from fastimp.report import plot_imp_error, plot_projection_distance
+    alpha, levels = 0.8, 12
+    summary = [{"rewind_step": 0, "level": L, "weights_remaining": alpha ** L,
+                "test_error": 0.1 + 0.01 * L, "test_error_std": None, "eps": None,
+                "dense_error": 0.1} for L in range(levels + 1)]
+    fig = plot_imp_error(summary)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == [f"{100 * alpha ** L:.3g}" for L in range(levels + 1)]
+    assert labels[:4] == ["100", "80", "64", "51.2"]
+    results = [{"rewind_step": 0, "replicate": 0, "level": L, "projection_distance": 1.0 / (L + 1)}
+               for L in range(3)]
+    fig = plot_projection_distance(results)
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_plane_figure_says_what_it_shows():
+    import numpy as np
+
+    from fastimp.landscape.figures import plot_plane
+    g = np.linspace(-1, 2, 9)
+    err = (np.add.outer(g ** 2, g ** 2) / 10).tolist()
+    res = {"kind": "imp", "level": 3, "rewind_step": 0, "xs": g.tolist(), "ys": g.tolist(),
+           "error": err, "points": [[0, 0], [1, 0], [1, 0.5]], "matching_error": 0.2,
+           "labels": ["w(L)", "m(L+1)⊙w(L)", "w(L+1)"]}
+    fig = plot_plane(res, "imp")
+    ax = fig.axes[0]
+    title = ax.get_title()
+    assert "3 → 4" in title and "plane_" not in title
+    assert "w(3) → m(4)⊙w(3)" in ax.get_xlabel() and "w(4)" in ax.get_ylabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("matching: error = 20%") for t in legend)
+    assert "w(3): level-3 solution" in legend and "w(4): level-4 solution" in legend
+    res.update(kind="pruning", ratio=0.2, labels=["w(L)", "magnitude", "random"])
+    ax = plot_plane(res, "pruning").axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "magnitude pruning 20% of w(3)" in legend and "random pruning 20% of w(3)" in legend
+
+
+def test_hessian_forward_mode_raises_no_future_warning():
+    """torch's first forward-mode AD call warns about torch.jit.script; `fastimp hessian` must not
+    pass it on (a fresh process: the warning comes once per process)."""
+    code = ("import torch; from torch import nn; import torch.nn.functional as F\n"
+            "from fastimp.hessian import HVPOperator\n"
+            "torch.manual_seed(0); m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))\n"
+            "x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))\n"
+            "op = HVPOperator(m, F.cross_entropy, (x, y), method='forward-over-reverse')\n"
+            "print(op.matvec(torch.randn(2, op.D_A)).shape)\n")
+    p = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0 and "FutureWarning" not in p.stderr, p.stderr

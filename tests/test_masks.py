@@ -160,3 +160,82 @@ def test_from_torch_prune_global_unstructured():
     assert m.remaining() == m.total() - round(0.3 * m.total())
     with pytest.raises(ValueError, match="no torch.nn.utils.prune"):
         Masks.from_torch_prune(_net())
+
+
+def _mlp(seed=0, tied=False):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    if tied:
+        model[2].weight = model[0].weight  # one parameter in two modules
+    return model
+
+
+def test_model_still_under_torch_prune():
+    """Masks taken from a model under torch.nn.utils.prune map onto its weight_orig parameters;
+    what fastimp cannot use as is (prunable, Masks.ones) says to remove the reparametrization."""
+    model = _mlp()
+    prune.global_unstructured([(model[0], "weight"), (model[4], "weight")],
+                              pruning_method=prune.L1Unstructured, amount=0.4)
+    m = Masks.from_torch_prune(model)
+    assert list(m) == ["0.weight", "4.weight"]
+    by_param = m.for_params(model)
+    assert set(map(id, by_param)) == {id(model[0].weight_orig), id(model[4].weight_orig)}
+    assert all(torch.equal(v, m["0.weight" if p is model[0].weight_orig else "4.weight"])
+               for p, v in by_param.items())
+    with torch.no_grad():
+        model[0].weight_orig.fill_(1.0)
+    m.apply_(model)
+    assert torch.equal(model[0].weight_orig, m["0.weight"].float())
+    for call in (lambda: Masks.ones(model), lambda: prunable(model),
+                 lambda: fastimp.prune_magnitude(model, 0.2)):
+        with pytest.raises(ValueError, match="under torch.nn.utils.prune.*remove=True"):
+            call()
+    # remove=True: plain parameters holding m . w, and fastimp works on the model again
+    effective = (model[0].weight_orig * model[0].weight_mask).detach()
+    m2 = Masks.from_torch_prune(model, remove=True)
+    assert m2 == m and not hasattr(model[0], "weight_orig")
+    assert isinstance(model[0].weight, nn.Parameter) and torch.equal(model[0].weight, effective)
+    assert list(Masks.ones(model)) == ["0.weight", "2.weight", "4.weight"]
+
+
+def test_tied_weights_are_pruned_in_every_module():
+    model = _mlp(tied=True)
+    assert list(prunable(model)) == ["0.weight", "4.weight"]  # named_parameters: one name
+    m = fastimp.prune_magnitude(model, 0.5)
+    m.to_torch_prune(model)
+    for i in (0, 2):  # both aliases masked, and still one parameter
+        assert torch.equal(model[i].weight, model[0].weight_orig * m["0.weight"])
+    assert model[2].weight_orig is model[0].weight_orig
+    x = torch.randn(5, 6)
+    w = model[0].weight_orig.detach() * m["0.weight"]
+    h = torch.relu(torch.relu(x @ w.T + model[0].bias) @ w.T + model[2].bias)
+    assert torch.allclose(model(x), h @ model[4].weight.T + model[4].bias)
+    back = Masks.from_torch_prune(model, remove=True)
+    assert back["2.weight"].equal(m["0.weight"]) and model[2].weight is model[0].weight
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_masked_sgd_on_a_torch_pruned_model_matches_torch_sgd(nesterov):
+    """torch.nn.utils.prune + torch.optim.SGD (the gradient of weight_orig is masked by the
+    product) and fastimp.MaskedSGD with the model's masks train the same effective weights."""
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
+    models = []
+    for _ in range(2):
+        model = _mlp(3)
+        prune.global_unstructured([(model[0], "weight"), (model[2], "weight")],
+                                  pruning_method=prune.L1Unstructured, amount=0.5)
+        models.append(model)
+    ref, ours = models
+    opt_ref = torch.optim.SGD(ref.parameters(), **kw)
+    masks = Masks.from_torch_prune(ours)
+    opt = fastimp.MaskedSGD(ours.parameters(), masks=masks.for_params(ours), **kw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        for model, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+    for i in (0, 2, 4):
+        assert torch.allclose(ours[i].weight, ref[i].weight, rtol=1e-5, atol=1e-6)
+    assert bool((ours[0].weight_orig[~masks["0.weight"]] == 0).all())  # pruned stay exactly 0

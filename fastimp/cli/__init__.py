@@ -22,8 +22,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if "default" in text.lower() or default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "default" in text.lower() or default is None or default is False \
+                or default == argparse.SUPPRESS or not action.option_strings:
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(str(d) for d in default)
