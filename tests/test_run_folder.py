@@ -271,39 +271,36 @@ def test_wait_runs_after_the_holder_finishes(copy):
     assert result["run"].levels(0) == [0, 1, 2, 3]
 
 
-@pytest.mark.slow
-def test_two_concurrent_processes_and_a_killed_holder(copy):
-    """While one `fastimp imp` works on a run, a second exits naming it, and a third with --wait
-    queues; `kill -9` of the first frees the run and the waiting one finishes the work."""
+def test_two_concurrent_processes_and_a_killed_holder(copy, capsys):
+    """While one `fastimp imp` process works on a run, a second command exits naming it, and a
+    third with --wait queues; `kill -9` of the first frees the run and the waiting one finishes
+    the work (the second and third run in this process, the first in its own)."""
     out, folder = copy
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "fastimp", "imp", "--out", str(out), *ARGS, "--levels", "4"]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    waiting = None
+    args = ["imp", "--out", str(out), *ARGS, "--levels", "4"]
+    first = subprocess.Popen([sys.executable, "-m", "fastimp", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while read_holder(folder) is None:
             assert first.poll() is None, first.communicate()
             time.sleep(0.02)
         first.send_signal(signal.SIGSTOP)  # holds the lock, makes no progress
         assert read_holder(folder)["pid"] == first.pid
-        waiting = subprocess.Popen(cmd + ["--wait"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        busy = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert busy.returncode == 2, busy.stderr
-        line = _one_line_error(busy.stderr, f"pid {first.pid}")
+        assert main(args) == 2
+        line = _one_line_error(capsys.readouterr().err, f"pid {first.pid}")
         assert "in use" in line and "--wait" in line
-        said = waiting.stderr.readline()
-        assert "waiting for" in said and f"pid {first.pid}" in said
+        rc = {}
+        waiting = threading.Thread(target=lambda: rc.setdefault("rc", main(args + ["--wait"])))
+        waiting.start()
+        while "waiting for" not in capsys.readouterr().err:
+            assert waiting.is_alive()
+            time.sleep(0.02)
         first.kill()  # kill -9: the kernel releases its lock
         first.wait()
-        w_out, w_err = waiting.communicate(timeout=600)
+        waiting.join(timeout=600)
     finally:
         first.kill()
-        if waiting is not None:
-            waiting.kill()
-    assert waiting.returncode == 0 and "IMP run folder" in w_out, w_err
+    assert rc["rc"] == 0
     run = load_run(folder)
     assert run.levels(0) == run.levels(3) == [0, 1, 2, 3, 4]
     assert not list(folder.rglob(".*.tmp*")) and read_holder(folder) is None
@@ -367,6 +364,5 @@ def test_ctrl_c_says_where_and_rerun_resumes(tmp_path):
     assert "rerun the same command to resume" in err
     (folder,) = tmp_path.glob("imp_*")
     assert not list(folder.rglob(".*.tmp*"))
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
+    assert main(cmd[3:]) == 0  # the same command, here in-process: it resumes
     assert load_run(folder).levels() == [0]
