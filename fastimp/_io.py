@@ -102,6 +102,18 @@ def clean_stale_tmp(folder: PathLike) -> List[Path]:
     return removed
 
 
+def folder_path(path: PathLike, arg: str, what: str) -> Path:
+    """``path`` as a folder to write into (it may not exist yet): a ValueError naming ``arg`` when
+    it, or the nearest existing folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{arg}: {p} is a file, not a folder; pass a folder {what}")
+            break
+    return path
+
+
 def save_json(obj: Any, path: PathLike) -> Path:
     def write(tmp):
         with open(tmp, "w") as f:

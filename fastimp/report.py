@@ -160,13 +160,9 @@ def write_report(folder, out: Optional[str] = None) -> Path:
     """Write ``report.md`` and its PNGs into ``out`` (default ``<run folder>/report``)."""
     from fastimp.imp import load_run
     run = load_run(folder)
-    report_dir = Path(out) if out is not None else run.dir / "report"
-    for p in (report_dir, *report_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"out (--out): {p} is a file, not a folder; pass a folder for "
-                                 "report.md and its figures")
-            break
+    from fastimp._io import folder_path
+    report_dir = folder_path(out if out is not None else run.dir / "report", "out (--out)",
+                             "for report.md and its figures")
     if not run.summary():
         raise ValueError(f"{run.dir}: nothing to report yet, no level has finished; run (or "
                          "resume) `fastimp imp` with the same arguments first")

@@ -25,17 +25,6 @@ class Preflight:
     total_steps: int
 
 
-def _out_folder(out_dir) -> Path:
-    out = Path(out_dir)
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"out_dir (--out): {p} is a file, not a folder; pass a folder "
-                                 "(the run goes to OUT/imp_<hash>/)")
-            break
-    return out
-
-
 def read_config(folder: Path):
     """The IMPConfig in ``folder/config.json``, or None when there is none (verified)."""
     from fastimp.imp import verify
@@ -96,7 +85,8 @@ def check(config: IMPConfig, out_dir, device) -> Preflight:
     """Validate the command ``run(config, out_dir)`` without writing anything; see module doc."""
     from fastimp import training
     from fastimp.masks import prunable
-    out = _out_folder(out_dir)
+    from fastimp._io import folder_path
+    out = folder_path(out_dir, "out_dir (--out)", "(the run goes to OUT/imp_<hash>/)")
     folder = out / config.folder_name()
     merged = merge_config(read_config(folder), config, folder)
     dataset = _load_dataset(config, device)
