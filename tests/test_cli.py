@@ -167,6 +167,7 @@ def test_plane_figure_says_what_it_shows():
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(t.startswith("matching: error = 20%") for t in legend)
     assert "w(3): level-3 solution" in legend and "w(4): level-4 solution" in legend
+    assert "axial subspace of m(4)" in legend
     res.update(kind="pruning", ratio=0.2, labels=["w(L)", "magnitude", "random"])
     ax = plot_plane(res, "pruning").axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]

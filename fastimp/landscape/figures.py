@@ -129,7 +129,8 @@ def plot_plane(res: Dict, kind: str = "imp", title: Optional[str] = None, path: 
         if np.linalg.norm(d) > 0:
             t = np.linspace(-10, 10, 2)
             handles += ax.plot(pts[1, 0] + t * d[0], pts[1, 1] + t * d[1], "--",
-                               color="tab:purple", lw=1.2, label="axial subspace of the mask")
+                               color="tab:purple", lw=1.2,
+                               label="axial subspace of " + names[1].split("⊙")[0])
         handles += ax.plot(*pts[0], "^", color="grey", ms=10, mec="k", label=names[0])
         handles += ax.plot(*pts[1], "x", color="tab:orange", ms=10, mew=2.5, label=names[1])
         handles += ax.plot(*pts[2], "^", color="tab:orange", ms=10, mec="k", label=names[2])
