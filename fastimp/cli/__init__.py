@@ -15,7 +15,7 @@ from typing import List, Optional
 COMMANDS = ("imp", "report", "barrier", "plane", "hessian", "prune_scan", "backends_cmd")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, unless the help already says it (``default``
     in the text) or there is none to show (``None``/``False``: the help says what happens)."""
 
