@@ -31,13 +31,15 @@ $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
 test: build
 	FASTIMP_REQUIRE_EXT=1 $(PY) -m pytest -q tests
 
-# IMP on MNIST-1D, the barriers between its levels (Fig. 2), the landscape of one IMP step
-# (Fig. 3), then the report with every figure: about 2 minutes on a quiet 2-core CPU.
+# IMP-WR on MNIST-1D rewinding to step 0 and to step 40 (one epoch), the same with Appendix F's
+# adaptive pruning ratio (Fig. 10), then every analysis of the paper at levels 0 and 8 and the
+# report with Figs. 2-11 (demo_out/fixed/imp_*/report/report.md); README.md gives the time.
 demo: build
-	$(PY) -m fastimp imp --preset mnist1d --out demo_out
-	$(PY) -m fastimp barrier demo_out
-	$(PY) -m fastimp plane demo_out --level 3
-	$(PY) -m fastimp report demo_out
+	$(PY) -m fastimp imp --preset mnist1d --out demo_out/fixed --rewind-step 0 40 --no-progress
+	$(PY) -m fastimp imp --preset mnist1d --out demo_out/adaptive --rewind-step 40 --levels 6 \
+		--no-progress pruning_fraction=adaptive
+	$(PY) -m fastimp paper demo_out/fixed --quick --levels 0 8 --compare demo_out/adaptive \
+		--no-progress
 
 bench: build
 	$(PY) -m benchmarks

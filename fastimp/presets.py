@@ -2,7 +2,10 @@
 ``paper/unmasking-lottery-ticket.txt``, lines 243-249 of the text) and a small CPU default.
 
 ``get(name) -> IMPConfig`` (a fresh copy each call), ``names()``, ``register(name)`` to add one.
-Every duration is in iterations (optimizer steps), as Appendix B gives them.
+Every duration is in iterations (optimizer steps), as Appendix B gives them. Every preset sets
+IMP-FT's retraining as Appendix B runs it ("The importance of iterative pruning and retraining"):
+a constant lr of the peak lr / 100 with weight decay off (``finetune_lr``,
+``finetune_weight_decay``; set them to None for the schedule's final lr and the run's decay).
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ def cifar10_resnet20() -> IMPConfig:
                      schedule="step", milestones=("31200it", "46800it"), gamma=0.1,
                      drop_last=True),
         levels=12, pruning_fraction=0.2, pruning="magnitude", strategy="wr",
-        rewind_steps=[0, 250, 2000], replicates=4, device="auto")
+        rewind_steps=[0, 250, 2000], replicates=4, device="auto",
+        finetune_lr=0.001, finetune_weight_decay=0.0)
 
 
 @register("cifar100-resnet18")
@@ -63,7 +67,8 @@ def cifar100_resnet18() -> IMPConfig:
                      schedule="step", milestones=("23438it", "46875it", "62500it"), gamma=0.2,
                      drop_last=False),
         levels=15, pruning_fraction=0.2, pruning="magnitude", strategy="wr",
-        rewind_steps=[0, 400, 3200], replicates=4, device="auto")
+        rewind_steps=[0, 400, 3200], replicates=4, device="auto",
+        finetune_lr=0.001, finetune_weight_decay=0.0)
 
 
 @register("imagenet-resnet50")
@@ -80,7 +85,8 @@ def imagenet_resnet50() -> IMPConfig:
                      weight_decay=5e-4 / 2.048, decoupled_weight_decay=True, schedule="cosine",
                      milestones=(), warmup_steps="5000it", drop_last=True),
         levels=12, pruning_fraction=0.2, pruning="magnitude", strategy="wr",
-        rewind_steps=[0, 1250, 5000], replicates=4, device="auto")
+        rewind_steps=[0, 1250, 5000], replicates=4, device="auto",
+        finetune_lr=2.048 / 100, finetune_weight_decay=0.0)
 
 
 @register("mnist1d")
@@ -89,10 +95,12 @@ def mnist1d() -> IMPConfig:
     channels + linear, 7.9k prunable weights), 600 steps of SGD (batch 100, lr 0.1 / 10 at 300 and
     450, momentum 0.9, weight decay 5e-4), 12 levels of 20% magnitude pruning (6.9% of the weights
     left), IMP-WR from step 0, 3 replicates (matching's eps is the std of the dense replicates),
-    one CPU thread. ``make demo`` runs it; README.md gives its numbers."""
+    one CPU thread; IMP-FT at lr 0.001 (the peak / 100) without decay, as the paper's presets.
+    ``make demo`` runs it; README.md gives its numbers."""
     return IMPConfig(
         model="mnist1d_conv", dataset="mnist1d",
         train=_train(steps="600it", batch_size=100, lr=0.1, momentum=0.9, weight_decay=5e-4,
                      schedule="step", milestones=("300it", "450it"), gamma=0.1),
         levels=12, pruning_fraction=0.2, pruning="magnitude", strategy="wr",
-        rewind_steps=[0], replicates=3, device="cpu", threads=1)
+        rewind_steps=[0], replicates=3, device="cpu", threads=1,
+        finetune_lr=0.001, finetune_weight_decay=0.0)

@@ -5,16 +5,23 @@ it needs from ``run`` (a :class:`fastimp.imp.Run`; analyses live in ``run.analys
 its PNGs into ``report_dir`` and returns Markdown (None = nothing to show). Register one with
 ``register_section(fn, order=...)``; modules named in ``SECTION_MODULES`` are imported first so
 that their sections register themselves.
+
+A section registered with ``figure=N, title=...`` is the paper's Fig. N: the report heads it
+"## Fig. N: title" (figures in number order), and when it returns None or raises
+:class:`FigureUnavailable` the report lists it, with the reason, among the figures not made.
+``compared_runs()`` gives a section the runs ``write_report(..., compare=...)`` overlays.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 # Imported before a report is written, so their register_section calls run.
-SECTION_MODULES = ["fastimp.landscape.report", "fastimp.hessian.report", "fastimp.theory"]
+SECTION_MODULES = ["fastimp.landscape.report", "fastimp.hessian.report", "fastimp.theory",
+                   "fastimp.analysis.report"]
 
 
 @dataclass
@@ -22,18 +29,34 @@ class Section:
     name: str
     fn: Callable
     order: int
+    figure: Optional[int] = None
+    title: Optional[str] = None
+
+
+class FigureUnavailable(Exception):
+    """Raised by a figure section that cannot be drawn; the message says why."""
 
 
 _SECTIONS: List[Section] = []
+_COMPARE: contextvars.ContextVar = contextvars.ContextVar("fastimp_report_compare", default=None)
 
 
-def register_section(fn: Callable = None, *, name: Optional[str] = None, order: int = 100):
+def compared_runs() -> Optional[List]:
+    """The runs given to ``write_report(..., compare=...)`` (the report's run first), or None."""
+    return _COMPARE.get()
+
+
+def register_section(fn: Callable = None, *, name: Optional[str] = None,
+                     order: Optional[int] = None,
+                     figure: Optional[int] = None, title: Optional[str] = None):
     """Add a report section (usable as ``@register_section`` or ``@register_section(order=50)``);
-    sections are written in increasing ``order`` (IMP curves: 0), re-registering a name replaces."""
+    sections are written in increasing ``order`` (default 100, or 10 x ``figure`` for the paper's
+    Fig. ``figure``), re-registering a name replaces."""
     def deco(f):
         n = name or f.__name__
+        o = order if order is not None else (10 * figure if figure is not None else 100)
         _SECTIONS[:] = [s for s in _SECTIONS if s.name != n]
-        _SECTIONS.append(Section(n, f, order))
+        _SECTIONS.append(Section(n, f, o, figure, title))
         return f
     if fn is not None:
         return deco(fn)
@@ -121,7 +144,7 @@ def _finish(fig, path):
     return None
 
 
-@register_section(order=0)
+@register_section(figure=11, title="Error and rewind steps for IMP")
 def imp_curves(run, report_dir: Path) -> Optional[str]:
     """Test error against weights remaining per rewind step (the paper's Fig. 11), log-x, and the
     projection distance per level."""
@@ -134,8 +157,7 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
     plot_projection_distance(run.results(), report_dir / "imp_projection.png")
 
     pf = c.pruning_fraction
-    lines = ["## IMP: test error against weights remaining", "",
-             f"Strategy IMP-{c.strategy.upper()}, {c.pruning} pruning of "
+    lines = [f"Strategy IMP-{c.strategy.upper()}, {c.pruning} pruning of "
              f"{pf if isinstance(pf, str) else _pct(pf)}"
              f" per level, {len(run.seeds)} replicate(s) (seeds {run.seeds}).", "",
              "![test error](imp_error.png)", "",
@@ -156,8 +178,10 @@ def imp_curves(run, report_dir: Path) -> Optional[str]:
     return "\n".join(lines)
 
 
-def write_report(folder, out: Optional[str] = None) -> Path:
-    """Write ``report.md`` and its PNGs into ``out`` (default ``<run folder>/report``)."""
+def write_report(folder, out: Optional[str] = None, compare: Optional[Sequence] = None) -> Path:
+    """Write ``report.md`` and its PNGs into ``out`` (default ``<run folder>/report``);
+    ``compare``: more run folders that differ from this one only in the pruning ratio or strategy
+    (Fig. 10 overlays them)."""
     from fastimp.imp import load_run
     run = load_run(folder)
     from fastimp._io import folder_path
@@ -166,6 +190,15 @@ def write_report(folder, out: Optional[str] = None) -> Path:
     if not run.summary():
         raise ValueError(f"{run.dir}: nothing to report yet, no level has finished; run (or "
                          "resume) `fastimp imp` with the same arguments first")
+    others = [load_run(f) for f in (compare or ())]
+    token = _COMPARE.set([run] + others if others else None)
+    try:
+        return _write_report(run, report_dir)
+    finally:
+        _COMPARE.reset(token)
+
+
+def _write_report(run, report_dir: Path) -> Path:
     for mod in SECTION_MODULES:
         importlib.import_module(mod)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -173,10 +206,30 @@ def write_report(folder, out: Optional[str] = None) -> Path:
     parts = [f"# fastimp report: {run.dir.name}", "",
              f"model `{c.model}`, dataset `{c.dataset}`, strategy `{c.strategy}`, "
              f"rewind steps {run.rewind_steps}, levels 0..{c.levels}", ""]
+    missing = []
     for section in sections():
-        text = section.fn(run, report_dir)
+        try:
+            text = section.fn(run, report_dir)
+        except FigureUnavailable as exc:
+            if section.figure is None:
+                raise
+            text, why = None, str(exc)
+        else:
+            why = "nothing to show"
+        if section.figure is not None:
+            if not text:
+                missing.append(f"Fig. {section.figure} ({why})")
+                continue
+            text = f"## Fig. {section.figure}: {section.title or section.name}\n\n" + text.lstrip()
         if text:
             parts.append(text.rstrip() + "\n")
+    figures = sorted({s.figure for s in sections() if s.figure is not None})
+    if missing:
+        note = "Figures not made: " + "; ".join(missing) + "."
+    else:
+        note = (f"Every figure was made (Figs. {figures[0]}-{figures[-1]})." if figures else "")
+    if note:
+        parts.insert(4, note + "\n")
     path = report_dir / "report.md"
     from fastimp._io import atomic_write
 

@@ -8,10 +8,14 @@ R from the minimum intersects it (with high probability) iff d > d*, where
 
     d* = D^A − Σ_i r_i² / (R² + r_i²) = D^A − Σ_i 2ε / (λ_i R² + 2ε).
 
-λ_i <= 0: the quadratic model does not rise along that direction, so the sublevel set is
-unbounded there (r_i = ∞) and the term is 1: the direction counts as fully flat. (The lemma
-assumes a positive definite Hessian; at a trained solution the eigenvalues <= 0 are the flat
-bulk and small negative curvature, and SLQ's nodes near 0 scatter to either side of it.)
+The lemma assumes a positive definite Hessian; at a trained solution the eigenvalues <= 0 are the
+flat bulk and small negative curvature, and SLQ's nodes near 0 scatter to either side of it. What
+to do with them is the named option ``nonpositive`` (``NONPOSITIVE``):
+
+- ``"flat"`` (default): the quadratic model does not rise along such a direction, the sublevel set
+  is unbounded there (r_i = ∞) and the term is 1: the direction counts as fully flat;
+- ``"exclude"``: the nodes λ_i <= 0 are dropped and the remaining quadrature weights renormalized
+  to sum to 1, i.e. the D^A directions are taken to follow the positive part of the spectrum.
 """
 from __future__ import annotations
 
@@ -22,12 +26,24 @@ import numpy as np
 
 Spectrum = Union[Sequence[float], np.ndarray, Tuple[np.ndarray, np.ndarray]]
 
+NONPOSITIVE = ("flat", "exclude")
 
-def _quadrature(spectrum, D_A: Optional[float]) -> Tuple[np.ndarray, np.ndarray, float]:
-    """(eigenvalues λ_i, multiplicities c_i with Σ c_i = D^A, D^A)."""
+
+def _check_nonpositive(nonpositive: str) -> str:
+    if nonpositive not in NONPOSITIVE:
+        raise ValueError(f"nonpositive: expected one of {NONPOSITIVE} (what Lemma 3.1 does with "
+                         f"eigenvalues <= 0), got {nonpositive!r}")
+    return nonpositive
+
+
+def _quadrature(spectrum, D_A: Optional[float],
+                nonpositive: str = "flat") -> Tuple[np.ndarray, np.ndarray, float]:
+    """(eigenvalues λ_i, multiplicities c_i with Σ c_i = D^A, D^A); ``nonpositive="exclude"``
+    drops λ_i <= 0 and renormalizes the rest."""
+    _check_nonpositive(nonpositive)
     if hasattr(spectrum, "flat") and hasattr(spectrum, "D_A"):       # SpectralDensity
         nodes, weights = spectrum.flat()
-        return _quadrature((nodes, weights), spectrum.D_A if D_A is None else D_A)
+        return _quadrature((nodes, weights), spectrum.D_A if D_A is None else D_A, nonpositive)
     if isinstance(spectrum, tuple) and len(spectrum) == 2:
         nodes = np.asarray(spectrum[0], dtype=np.float64).ravel()
         weights = np.asarray(spectrum[1], dtype=np.float64).ravel()
@@ -55,7 +71,18 @@ def _quadrature(spectrum, D_A: Optional[float]) -> Tuple[np.ndarray, np.ndarray,
     D_A = float(D_A)
     if not D_A > 0:
         raise ValueError(f"D_A: expected a positive number, got {D_A}")
+    if nonpositive == "exclude":
+        keep = nodes > 0
+        if not (keep.any() and weights[keep].sum() > 0):
+            raise ValueError("spectrum: nonpositive='exclude' leaves no positive eigenvalue")
+        nodes, weights = nodes[keep], weights[keep] / weights[keep].sum()
     return nodes, weights * D_A, D_A
+
+
+def nonpositive_weight(spectrum: Spectrum, D_A: Optional[float] = None) -> float:
+    """The fraction of the spectrum (quadrature weight) at λ <= 0: what ``nonpositive`` decides."""
+    lam, c, dA = _quadrature(spectrum, D_A)
+    return float(c[lam <= 0].sum() / dA)
 
 
 def _check_eps(eps) -> float:
@@ -65,10 +92,11 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def flat_dimension(spectrum: Spectrum, eps: float, R, D_A: Optional[float] = None):
+def flat_dimension(spectrum: Spectrum, eps: float, R, D_A: Optional[float] = None,
+                   nonpositive: str = "flat"):
     """Σ_i r_i²/(R² + r_i²): the lower bound (C.4) on the sublevel set's local angular dimension
-    seen from distance R (array R -> array)."""
-    lam, c, _ = _quadrature(spectrum, D_A)
+    seen from distance R (array R -> array); ``nonpositive``: see the module docstring."""
+    lam, c, _ = _quadrature(spectrum, D_A, nonpositive)
     eps = _check_eps(eps)
     R = np.asarray(R, dtype=np.float64)
     if (R < 0).any() or not np.isfinite(R).all():
@@ -80,22 +108,24 @@ def flat_dimension(spectrum: Spectrum, eps: float, R, D_A: Optional[float] = Non
     return float(out) if out.ndim == 0 else out
 
 
-def intersection_threshold(spectrum: Spectrum, eps: float, R, D_A: Optional[float] = None):
+def intersection_threshold(spectrum: Spectrum, eps: float, R, D_A: Optional[float] = None,
+                           nonpositive: str = "flat"):
     """d* = D^A − Σ_i r_i²/(R² + r_i²), r_i = √(2ε/λ_i) (Lemma 3.1).
 
     ``spectrum``: the eigenvalues (each counted once; D_A defaults to their number and, when
     given, rescales them to stand for D_A directions) or SLQ quadrature ``(nodes, weights)`` with
     weights summing to 1 (``SpectralDensity.flat()``), each node then standing for
     ``weight · D_A`` eigenvalues — the quadrature, not a smoothed density, is what the sum needs
-    (a ``SpectralDensity`` may be passed directly). λ_i <= 0 counts as fully flat (term 1; see
-    the module docstring). ``R`` may be an array."""
-    _, _, dA = _quadrature(spectrum, D_A)
-    return dA - flat_dimension(spectrum, eps, R, D_A)
+    (a ``SpectralDensity`` may be passed directly). λ_i <= 0: ``nonpositive="flat"`` counts
+    them as fully flat (term 1), ``"exclude"`` drops them (see the module docstring). ``R`` may
+    be an array."""
+    _, _, dA = _quadrature(spectrum, D_A, nonpositive)
+    return dA - flat_dimension(spectrum, eps, R, D_A, nonpositive)
 
 
 def max_pruning_ratio(spectrum: Spectrum, eps: float, R: Union[float, np.ndarray, Callable],
                       D_A: Optional[float] = None, n_prunable: Optional[float] = None,
-                      resolution: int = 2001):
+                      resolution: int = 2001, nonpositive: str = "flat"):
     """The largest pruning ratio f with d(f) > d*(R(f)), i.e. the boundary of Fig. 5.
 
     d(f) = (1 − f) D^A as in the paper (``n_prunable`` = number of unpruned *prunable*
@@ -104,19 +134,19 @@ def max_pruning_ratio(spectrum: Spectrum, eps: float, R: Union[float, np.ndarray
     clipped to [0, 1]) or a callable f -> R(f) (e.g. the projection distance of magnitude
     pruning at ratio f): then the condition is checked on a grid of ``resolution`` ratios in
     [0, 1] and refined by bisection at the last ratio where it holds; returns that ratio (0.0
-    if none)."""
-    _, _, dA = _quadrature(spectrum, D_A)
+    if none). ``nonpositive``: what λ <= 0 means (module docstring)."""
+    _, _, dA = _quadrature(spectrum, D_A, nonpositive)
     n = dA if n_prunable is None else float(n_prunable)
     if not n > 0:
         raise ValueError(f"n_prunable: expected a positive number, got {n_prunable}")
     if not callable(R):
-        f = np.clip(flat_dimension(spectrum, eps, R, D_A) / n, 0.0, 1.0)
+        f = np.clip(flat_dimension(spectrum, eps, R, D_A, nonpositive) / n, 0.0, 1.0)
         return float(f) if np.ndim(f) == 0 else f
     if not (isinstance(resolution, int) and resolution >= 2):
         raise ValueError(f"resolution: expected an int >= 2, got {resolution!r}")
 
     def slack(f: float) -> float:   # > 0 where the subspace is predicted to intersect
-        return dA - f * n - intersection_threshold(spectrum, eps, float(R(f)), D_A)
+        return dA - f * n - intersection_threshold(spectrum, eps, float(R(f)), D_A, nonpositive)
 
     fs = np.linspace(0.0, 1.0, resolution)
     ok = np.array([slack(f) > 0 for f in fs])
@@ -199,6 +229,15 @@ def _path_losses(model, solution, pruned, data, ts, loss_fn, device) -> np.ndarr
     return np.asarray(out)
 
 
+def _state_and_device(solution, device):
+    """(detached state dict, ``device`` or the state's) of a model or state dict."""
+    import torch
+    if isinstance(solution, torch.nn.Module):
+        solution = solution.state_dict()
+    solution = {k: v.detach() for k, v in solution.items()}
+    return solution, next(iter(solution.values())).device if device is None else device
+
+
 def adaptive_pruning_scan(model, solution, masks, data, threshold: float,
                           ratios: Sequence[float] = DEFAULT_RATIOS, *, n_points: int = 5,
                           loss_fn=None, stop_at_first_failure: bool = True, device=None,
@@ -227,11 +266,7 @@ def adaptive_pruning_scan(model, solution, masks, data, threshold: float,
         raise ValueError(f"n_points: expected an int >= 1, got {n_points!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if isinstance(solution, torch.nn.Module):
-        solution = solution.state_dict()
-    solution = {k: v.detach() for k, v in solution.items()}
-    if device is None:
-        device = next(iter(solution.values())).device
+    solution, device = _state_and_device(solution, device)
     data = list(data)
     net = copy.deepcopy(model).cpu()
     net.load_state_dict(solution)
@@ -253,13 +288,27 @@ def adaptive_pruning_scan(model, solution, masks, data, threshold: float,
     return out
 
 
+def train_lcs_threshold(model, dense_solution, data, eps: float, *, loss_fn=None,
+                        device=None) -> float:
+    """Appendix F, step 1: the threshold for leaving the train LCS-set, the dense network's train
+    loss + ε (ε: the std of its per-batch train loss over the last epoch of training). The loss is
+    measured exactly as :func:`adaptive_pruning_scan` measures the path it is compared with: on the
+    same ``data``, by the same evaluator (BatchNorm in eval mode, unaugmented batches)."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    dense_solution, device = _state_and_device(dense_solution, device)
+    loss = _path_losses(model, dense_solution, dense_solution, list(data), [0.0], loss_fn, device)
+    return float(loss[0]) + float(eps)
+
+
 def adaptive_pruning_ratio(model, solution, masks, data, threshold: float,
                            ratios: Sequence[float] = DEFAULT_RATIOS, floor: float = 0.2,
                            **kwargs) -> float:
     """Appendix F's adaptive pruning ratio for level L: the largest p in ``ratios`` whose pruned
     projection stays in the train LCS-set (the train loss along the linear path from the level-L
     ``solution`` to its magnitude-pruned projection stays below ``threshold`` = dense train loss
-    + ε, ε = ``fastimp.training.train_loss_epsilon_appendix_f``), then max(p, ``floor``) (the
+    + ε, ε = ``fastimp.training.train_loss_epsilon_appendix_f``; :func:`train_lcs_threshold`
+    measures it on the same data and the same way as the path), then max(p, ``floor``) (the
     paper: 0.2).
     ``masks`` = the level-L mask (what the new mask prunes further). See
     ``adaptive_pruning_scan`` for ``kwargs`` (n_points, loss_fn, device, ...)."""

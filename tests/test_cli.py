@@ -74,7 +74,7 @@ def test_report_sections_are_extensible(tmp_path):
     run = imp.run(cfg, tmp_path, progress=False)
     seen = []
 
-    @report.register_section(name="test-extra", order=50)
+    @report.register_section(name="test-extra", order=150)
     def extra(r, report_dir):
         seen.append(r.dir)
         (report_dir / "extra.txt").write_text("x")
@@ -85,7 +85,7 @@ def test_report_sections_are_extensible(tmp_path):
         report._SECTIONS[:] = [s for s in report._SECTIONS if s.name != "test-extra"]
     text = path.read_text()
     assert seen == [run.dir] and "## Extra section" in text
-    assert text.index("## IMP") < text.index("## Extra section")
+    assert text.index("## Fig. 11") < text.index("## Extra section")
 
 
 def test_imp_arguments_become_overrides():

@@ -323,7 +323,8 @@ def test_plane_commands_and_report(tiny_run):
     pytest.importorskip("fastimp.report")
     assert main(["report", str(tiny_run.dir)]) == 0
     md = (tiny_run.dir / "report" / "report.md").read_text()
-    assert "2-D slices" in md and "landscape_plane_imp_tau0_L0.png" in md
+    assert "## Fig. 3" in md and "fig3_plane_imp_tau0_L0.png" in md
+    assert "## Fig. 6" in md and "fig6_plane_pruning_tau0_L1.png" in md
 
 
 def test_empty_and_iterator_data():

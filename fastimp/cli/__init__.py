@@ -12,7 +12,8 @@ import warnings
 from typing import List, Optional
 
 # Subcommand modules, in the order `fastimp --help` lists them.
-COMMANDS = ("imp", "report", "barrier", "plane", "hessian", "prune_scan", "backends_cmd")
+COMMANDS = ("imp", "report", "paper", "barrier", "plane", "hessian", "prune_scan", "analyses",
+            "backends_cmd")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -1,10 +1,12 @@
 """``fastimp barrier DIR``: error along the path through every IMP level and the barrier matrix
-(the paper's Fig. 2), written to DIR/analysis/barrier.json and PNGs."""
+(the paper's Fig. 2), per replicate and their mean (:mod:`fastimp.analysis.barriers`), written to
+DIR/analysis/barrier.json and PNGs."""
 
 
 def add_common(p):
     p.add_argument("dir", help="IMP run folder")
-    p.add_argument("--replicate", type=int, default=0, help="replicate index (0..N-1)")
+    p.add_argument("--replicate", type=int, default=None,
+                   help="one replicate (default: every replicate, then their mean)")
     p.add_argument("--bn", choices=["interpolate", "reset"], default="interpolate",
                    help="BatchNorm statistics: interpolated like the weights (the paper) or "
                         "recomputed per point on training data")
@@ -22,8 +24,8 @@ def add_common(p):
 
 
 def device_of(args):
-    import torch
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from fastimp.analysis.common import default_device
+    return default_device(args.device)
 
 
 def add_parser(sub):
@@ -40,17 +42,19 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from fastimp.analysis import paths
+    from fastimp.analysis.barriers import barrier_analysis
     from fastimp.imp import load_run
-    from fastimp.landscape.runs import barrier_analysis
     r = load_run(args.dir)
     out = barrier_analysis(r, rewind_steps=args.rewind_step, replicate=args.replicate,
                            betas=args.betas, matrix_rewind_step=args.matrix_rewind_step,
                            matrix=not args.no_matrix, max_examples=args.max_examples,
                            batch_size=args.batch_size, device=device_of(args), eps=args.eps,
                            bn=args.bn, bn_examples=args.bn_examples, chunk_size=args.chunk_size)
+    n = len(out["replicates"])
     for tau, p in out["paths"].items():
         worst = max(s["barrier"] for s in p["segments"])
-        print(f"rewind step {tau}: levels {p['levels'][0]}..{p['levels'][-1]}, "
-              f"largest barrier between successive levels {100 * worst:.2f}%")
-    print(f"wrote {r.analysis_dir / 'barrier.json'}")
+        print(f"rewind step {tau}: levels {p['levels'][0]}..{p['levels'][-1]}, largest barrier "
+              f"between successive levels {100 * worst:.2f}% (mean of {n} replicate(s))")
+    print(f"wrote {paths.barrier_json(r)}")
     return 0

@@ -15,6 +15,10 @@ PRUNINGS = ("magnitude", "random")
 # Fields that say *how much* of the experiment to run or *where*, not *what* it computes: they do
 # not enter the folder's hash, so a rerun with more levels, rewind steps or seeds reuses the folder.
 _NOT_HASHED = ("levels", "rewind_steps", "replicates", "seeds", "device", "data_root", "threads")
+# Finetuning's lr and weight decay decide only what IMP-FT levels compute: they enter the hash only
+# for strategy "ft" and only when set, so WR / LRR folders and FT folders run before these fields
+# existed (None = the schedule's final lr and the run's weight decay) keep their names.
+_FINETUNE = ("finetune_lr", "finetune_weight_decay")
 
 
 def _train_config_cls():
@@ -42,6 +46,9 @@ class IMPConfig:
     ``threads``: torch intra-op threads during the run (None: torch's default; 1 is much faster for
     tiny CPU models on a busy machine). ``levels``, ``rewind_steps``, ``replicates``, ``seeds``,
     ``device``, ``data_root`` and ``threads`` do not enter the folder's hash.
+    ``finetune_lr`` / ``finetune_weight_decay``: IMP-FT's retraining (Appendix B: a constant lr of
+    the peak lr / 100, weight decay off); None keeps the schedule's lr at steps [T, 2T) (its final
+    lr) resp. ``train.weight_decay``. They enter the hash only for ``strategy="ft"`` when set.
     """
     model: str = "mnist1d_mlp"
     dataset: str = "mnist1d"
@@ -58,6 +65,8 @@ class IMPConfig:
     dataset_kwargs: Dict[str, Any] = field(default_factory=dict)
     data_root: Optional[str] = None
     threads: Optional[int] = None
+    finetune_lr: Optional[float] = None
+    finetune_weight_decay: Optional[float] = None
 
     def __post_init__(self):
         self.validate()
@@ -120,6 +129,15 @@ class IMPConfig:
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise ValueError(f"IMPConfig.{name}: expected a JSON object of keyword arguments "
                                  f"such as {{\"hidden\": [16]}}, got {value!r}")
+        for name in _FINETUNE:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 \
+                    or v == float("inf"):
+                raise ValueError(f"IMPConfig.{name}: expected None or a finite number >= 0, "
+                                 f"got {v!r}")
+            setattr(self, name, float(v))
         return self
 
     @property
@@ -138,6 +156,9 @@ class IMPConfig:
         d = self.to_dict()
         for k in _NOT_HASHED:
             d.pop(k, None)
+        for k in _FINETUNE:
+            if self.strategy != "ft" or d.get(k) is None:
+                d.pop(k, None)
         return d
 
     def hash(self) -> str:

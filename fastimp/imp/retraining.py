@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from fastimp.imp.config import IMPConfig
-from fastimp.imp.strategies import PREVIOUS, level_plan
+from fastimp.imp.strategies import PREVIOUS, finetune_train_config, level_plan
 
 DEFAULT_CHECKPOINT_EVERY = 500
 
@@ -74,7 +74,11 @@ class LevelTrainer:
         ckpt = None
         if checkpoint_path is not None:
             ckpt = training.Checkpoint(checkpoint_path, every=self.checkpoint_every)
-        return training.train(model, self.train_cfg, self.loader, masks=masks,
+        cfg = self.train_cfg
+        if start_step >= self.total_steps:  # only IMP-FT runs steps [T, 2T)
+            cfg = finetune_train_config(cfg, self.config.finetune_lr,
+                                        self.config.finetune_weight_decay)
+        return training.train(model, cfg, self.loader, masks=masks,
                               start_step=start_step, end_step=end_step,
                               on_step=on_step if callbacks else None, checkpoint=ckpt,
                               progress=self.progress)

@@ -47,16 +47,22 @@ def _prune(model, fraction: float, masks, pruning: str, generator_seed: int):
     return new
 
 
-def _adaptive_fraction(model, masks, train_data, dense_stats: Dict[str, Any]) -> float:
+def _adaptive_fraction(model, masks, train_data, dense_stats: Dict[str, Any],
+                       dense_solution=None) -> float:
     """Appendix F through ``fastimp.theory.adaptive_pruning_ratio``: the largest ratio whose
     pruned projection keeps the train loss on the linear path below the dense network's train
-    loss + eps (eps = std of the per-batch train loss over its last epoch), at least 0.2."""
-    from fastimp.theory import adaptive_pruning_ratio
+    loss + eps (eps = std of the per-batch train loss over its last epoch), at least 0.2. The dense
+    train loss is measured like the path's (``theory.train_lcs_threshold``: same data, same BN
+    mode); ``dense_solution`` None: ``model`` is the dense solution (level 0)."""
+    from fastimp.theory import adaptive_pruning_ratio, train_lcs_threshold
     if dense_stats.get("train_loss") is None or dense_stats.get("train_loss_epsilon") is None:
         raise RuntimeError("pruning_fraction='adaptive' needs the dense level's train loss and its "
                            "spread over the last epoch, which level 0 did not record")
-    threshold = float(dense_stats["train_loss"]) + float(dense_stats["train_loss_epsilon"])
     solution = {k: v.detach() for k, v in model.state_dict().items()}
+    dense = solution if dense_solution is None else dense_solution
+    threshold = train_lcs_threshold(model, dense, train_data,
+                                    float(dense_stats["train_loss_epsilon"]),
+                                    device=next(iter(solution.values())).device)
     return float(adaptive_pruning_ratio(model, solution, masks, train_data, threshold))
 
 
@@ -138,7 +144,9 @@ def _level(ctx: LevelTrainer, folder: Path, tau: int, level: int, replicate: int
             "train_loss": result.train_loss, "train_loss_epsilon": result.train_loss_epsilon}
         train_data = ctx.dataset.loader("train", ctx.train_cfg.batch_size, shuffle=False,
                                         augment=False, device=str(ctx.device))
-        fraction = _adaptive_fraction(model, masks_dev, train_data, stats0)
+        dense = None if level == 0 else \
+            load_torch(level_dir(folder, ctx.seed, tau, 0) / "solution.pt")
+        fraction = _adaptive_fraction(model, masks_dev, train_data, stats0, dense)
     else:
         fraction = float(cfg.pruning_fraction)
     gen_seed = (ctx.seed * 1_000_003 + tau * 1009 + level) % (2 ** 63)

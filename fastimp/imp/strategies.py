@@ -8,6 +8,8 @@ With A_t(w, t') = train w for t' steps from the algorithm state (lr schedule, da
 - IMP-FT  (finetuning):         w^(L) = A_T  (m^(L) . w^(L-1),   T)   (the final, small lr)
 
 Level 0 is dense training from the rewind point for every strategy: A_tau(w_tau, T - tau).
+IMP-FT's steps [T, 2T) run at Appendix B's finetuning lr and weight decay when the config gives
+them (``finetune_train_config``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,20 @@ from fastimp.imp.config import STRATEGIES
 
 REWIND = "rewind_point"        # start from m^(L) . w_tau
 PREVIOUS = "previous_solution"  # start from m^(L) . w^(L-1)
+
+
+def finetune_train_config(train, finetune_lr=None, finetune_weight_decay=None):
+    """The train config of IMP-FT's steps [T, 2T) (Appendix B: "a learning rate ... 100 times
+    smaller than the peak learning rate", constant, "turning off the weight decay").
+
+    ``finetune_lr`` set: a constant lr (no warm-up, no decay); None: the schedule's lr at those
+    steps, i.e. its final lr. ``finetune_weight_decay`` set: that decay; None: ``train``'s."""
+    changes = {}
+    if finetune_lr is not None:
+        changes.update(lr=float(finetune_lr), schedule="constant", warmup_steps=0, milestones=())
+    if finetune_weight_decay is not None:
+        changes["weight_decay"] = float(finetune_weight_decay)
+    return train.replace(**changes) if changes else train
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,14 @@ class PlaneResult:
     labels: Tuple[str, str, str]
     basis_gram: torch.Tensor  # [2, 2] e_i·e_j (identity up to rounding)
     matching_error: Optional[float] = None
+    own_points: Optional[torch.Tensor] = None  # [3, 2] in the plane's own orthonormal basis
 
     def to_dict(self) -> Dict:
+        own = self.points if self.own_points is None else self.own_points
         return {"xs": self.xs.tolist(), "ys": self.ys.tolist(), "error": self.error.tolist(),
                 "loss": self.loss.tolist(), "points": self.points.tolist(),
-                "labels": list(self.labels), "matching_error": self.matching_error}
+                "own_points": own.tolist(), "labels": list(self.labels),
+                "matching_error": self.matching_error}
 
 
 def gram_schmidt(d1: torch.Tensor, d2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -52,16 +55,38 @@ def gram_schmidt(d1: torch.Tensor, d2: torch.Tensor) -> Tuple[torch.Tensor, torc
     return e1, r / n2
 
 
+def plane_frame(model: nn.Module, p0, p1, p2, include=None) -> torch.Tensor:
+    """The 2x2 matrix A with (x, y) = A (a1, a2): the coordinates, in the plane's Gram-Schmidt
+    basis, of p0 + a1 (p1 - p0) + a2 (p2 - p0); p1 is at (A00, 0), p2 at (A01, A11 > 0)."""
+    layout = StateLayout(model, include)
+    w0 = layout.flatten(p0)
+    w1, w2 = layout.flatten(p1).to(w0.device), layout.flatten(p2).to(w0.device)
+    return _frame(layout, w1 - w0, w2 - w0)
+
+
+def _frame(layout, d1, d2) -> torch.Tensor:
+    P = layout.D_params
+    e1, e2 = gram_schmidt(d1[:P], d2[:P])
+    return torch.tensor([[float(d1[:P].double() @ e1), float(d2[:P].double() @ e1)],
+                         [float(d1[:P].double() @ e2), float(d2[:P].double() @ e2)]],
+                        dtype=torch.float64)
+
+
 def plane(model: nn.Module, p0, p1, p2, data, *, grid: int = 51,
           extent: Optional[Sequence[float]] = None, scale: str = "fit",
-          labels=("p0", "p1", "p2"), matching_error: Optional[float] = None, **kw) -> PlaneResult:
+          labels=("p0", "p1", "p2"), matching_error: Optional[float] = None,
+          frame: Optional[torch.Tensor] = None, **kw) -> PlaneResult:
     """Error and loss on a ``grid`` x ``grid`` slice through ``p0``, ``p1``, ``p2`` (state dicts,
     models or flat vectors).
 
     ``extent=(xmin, xmax, ymin, ymax)`` in basis coordinates, else ``scale``: ``"fit"`` (Fig. 3:
     the three points' x-range widened by half its span on both sides, y from -2|y2| to 2|y2|) or
     ``"equal"`` (Fig. 6: a square of half-width 1.5 max(|p1 - p0|, |p2 - p0|) around p0).
-    ``kw`` goes to :func:`evaluate` (bn, train_data, chunk_size, backend, ...).
+    ``frame``: a 2x2 matrix (as :func:`plane_frame` returns) that places the points instead of the
+    plane's own one: grid point (x, y) is p0 + a1 (p1 - p0) + a2 (p2 - p0) with
+    (a1, a2) = frame^-1 (x, y). Planes of several replicates evaluated in one shared frame (e.g.
+    the mean of theirs) have their points at the same places, so their error grids can be
+    averaged. ``kw`` goes to :func:`evaluate` (bn, train_data, chunk_size, backend, ...).
     """
     if not isinstance(grid, int) or grid < 2:
         raise ValueError(f"grid: expected an int >= 2, got {grid!r}")
@@ -72,9 +97,15 @@ def plane(model: nn.Module, p0, p1, p2, data, *, grid: int = 51,
     d1, d2 = w1 - w0, w2 - w0
     e1, e2 = gram_schmidt(d1[:P], d2[:P])
     # coordinates of the three points; A maps raw coefficients (a1, a2) to (x, y)
-    A = torch.tensor([[float(d1[:P].double() @ e1), float(d2[:P].double() @ e1)],
-                      [float(d1[:P].double() @ e2), float(d2[:P].double() @ e2)]], dtype=torch.float64)
+    own = _frame(layout, d1, d2)
+    A = own
+    if frame is not None:
+        A = torch.as_tensor(frame, dtype=torch.float64).reshape(2, 2)
+        if not torch.isfinite(A).all() or abs(float(torch.linalg.det(A))) < 1e-300:
+            raise ValueError(f"frame: expected an invertible 2x2 matrix, got {A.tolist()}")
     pts = torch.tensor([[0.0, 0.0], [A[0, 0], A[1, 0]], [A[0, 1], A[1, 1]]], dtype=torch.float64)
+    own_pts = torch.tensor([[0.0, 0.0], [own[0, 0], own[1, 0]], [own[0, 1], own[1, 1]]],
+                           dtype=torch.float64)
     if extent is None:
         if scale == "fit":
             lo_x, hi_x = float(pts[:, 0].min()), float(pts[:, 0].max())
@@ -82,7 +113,7 @@ def plane(model: nn.Module, p0, p1, p2, data, *, grid: int = 51,
             ymax = float(pts[:, 1].abs().max()) or span
             extent = (lo_x - 0.5 * span, hi_x + 0.5 * span, -2 * ymax, 2 * ymax)
         elif scale == "equal":
-            r = 1.5 * float(max(d1[:P].norm(), d2[:P].norm()))
+            r = 1.5 * float(max(pts[1].norm(), pts[2].norm()))
             extent = (-r, r, -r, r)
         else:
             raise ValueError(f"scale: expected 'fit' or 'equal', got {scale!r}")
@@ -97,7 +128,7 @@ def plane(model: nn.Module, p0, p1, p2, data, *, grid: int = 51,
                   clip=([0.0, 0.0], [1.0, 1.0]), **kw)
     gram = torch.stack([e1, e2]) @ torch.stack([e1, e2]).T
     return PlaneResult(xs, ys, ev.error.view(grid, grid), ev.loss.view(grid, grid), pts,
-                       tuple(labels), gram, matching_error)
+                       tuple(labels), gram, matching_error, own_pts)
 
 
 def project(model: nn.Module, w, masks: Mapping[str, torch.Tensor], include=None) -> torch.Tensor:
