@@ -2,11 +2,10 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "checks.h"
+
 namespace fastimp {
 void register_masked_sgd(pybind11::module_& m);
 void register_magnitude_threshold(pybind11::module_& m);
 void register_weight_points(pybind11::module_& m);
 }  // namespace fastimp
-
-#define FASTIMP_CHECK_ARG(cond, name, what) \
-  TORCH_CHECK_VALUE(cond, "fastimp: argument '", name, "': expected ", what)

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -20,8 +21,6 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;
 using radix::kBins;
-using radix::select_bin;
-constexpr uint32_t kNonFiniteHi = 0x7f80;  // hi16 of +inf; NaN/inf keys have hi16 >= this
 
 enum class DT { F32, F16, BF16 };
 
@@ -201,20 +200,33 @@ DT dtype_of(const at::Tensor& w, size_t i) {
     case at::kHalf: return DT::F16;
     case at::kBFloat16: return DT::BF16;
     default:
-      FASTIMP_CHECK_ARG(false, "weights", "float32, float16 or bfloat16 tensors (entry " +
-                                              std::to_string(i) + " is " +
-                                              std::string(c10::toString(w.scalar_type())) + ")");
+      FASTIMP_CHECK_ARG(false, "weights", "float32, float16 or bfloat16 tensors (",
+                        check::entry(i), " is ", check::describe(w), ")");
   }
   return DT::F32;
 }
 
+// The CPU passes of radix::select.
+struct CpuPass {
+  const std::vector<Seg>& segs;
+  const std::vector<Chunk>& chunks;
+  std::vector<int64_t> histogram(bool second, uint32_t hi) {
+    std::vector<int64_t> h;
+    fastimp::histogram(segs, chunks, second, hi, h);
+    return h;
+  }
+  void write_kept() { write_masks(segs, chunks, -1, -1); }
+  void write_above(uint32_t t) { write_masks(segs, chunks, t, -1); }
+  void write_ranked(uint32_t t, int64_t t_rem) { write_masks(segs, chunks, t, t_rem); }
+};
+
 }  // namespace
 
-// Returns (n, k, threshold key bits, nonfinite). k < 0: k = round-half-even(fraction * n).
+// Returns (n, k, threshold key bits, nonfinite); k none: k = round-half-even(fraction * n).
 // When some unmasked weight is NaN/inf, nothing is written and nonfinite > 0.
-std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cpu(
-    std::vector<at::Tensor> weights, std::vector<at::Tensor> masks, std::vector<at::Tensor> out,
-    int64_t k, double fraction) {
+radix::Result magnitude_threshold_cpu(std::vector<at::Tensor> weights,
+                                      std::vector<at::Tensor> masks, std::vector<at::Tensor> out,
+                                      std::optional<int64_t> k, double fraction) {
   const size_t T = weights.size();
   FASTIMP_CHECK_ARG(masks.empty() || masks.size() == T, "masks",
                     "an empty list or one mask per weight tensor");
@@ -225,7 +237,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cpu(
   for (size_t i = 0; i < T; ++i) {
     const auto& w = weights[i];
     FASTIMP_CHECK_ARG(w.device().is_cpu() && w.is_contiguous(), "weights",
-                      "contiguous CPU tensors");
+                      "contiguous CPU tensors, got ", check::describe(w));
     FASTIMP_CHECK_ARG(out[i].device().is_cpu() && out[i].is_contiguous() &&
                           out[i].scalar_type() == at::kBool && out[i].numel() == w.numel(),
                       "out", "contiguous CPU bool tensors shaped like the weights");
@@ -245,50 +257,30 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cpu(
     total += s.n;
   }
   FASTIMP_CHECK_ARG(total < (int64_t(1) << 32), "weights", "fewer than 2^32 weights in all");
-
-  std::vector<int64_t> hist;
-  histogram(segs, chunks, false, 0, hist);
-  int64_t n = 0, nonfinite = 0;
-  for (int b = 0; b < kBins; ++b) {
-    n += hist[b];
-    if (static_cast<uint32_t>(b) >= kNonFiniteHi) nonfinite += hist[b];
-  }
-  if (k < 0) k = static_cast<int64_t>(std::nearbyint(fraction * static_cast<double>(n)));
-  if (nonfinite > 0) return {n, k, 0, nonfinite};
-  FASTIMP_CHECK_ARG(k <= n, "k", "at most the number of unmasked weights (" +
-                                     std::to_string(n) + "), got " + std::to_string(k));
-  if (k == 0) {
-    write_masks(segs, chunks, -1, -1);
-    return {n, 0, 0, 0};
-  }
-  int64_t k_rem = 0;
-  const uint32_t b1 = static_cast<uint32_t>(select_bin(hist, k, k_rem));
-  histogram(segs, chunks, true, b1, hist);
-  int64_t t_rem = 0;
-  const uint32_t b2 = static_cast<uint32_t>(select_bin(hist, k_rem, t_rem));
-  const int64_t thr = static_cast<int64_t>((b1 << 16) | b2);
-  write_masks(segs, chunks, thr, t_rem == hist[b2] ? -1 : t_rem);
-  return {n, k, thr, 0};
+  CpuPass pass{segs, chunks};
+  return radix::select(pass, k, fraction);
 }
 
 #ifdef FASTIMP_WITH_CUDA
-std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cuda(
-    std::vector<at::Tensor> weights, std::vector<at::Tensor> masks, std::vector<at::Tensor> out,
-    int64_t k, double fraction);
+radix::Result magnitude_threshold_cuda(std::vector<at::Tensor> weights,
+                                       std::vector<at::Tensor> masks,
+                                       std::vector<at::Tensor> out, std::optional<int64_t> k,
+                                       double fraction);
 #endif
 
 void register_magnitude_threshold(pybind11::module_& m) {
   m.def("magnitude_threshold_cpu", &magnitude_threshold_cpu, pybind11::arg("weights"),
         pybind11::arg("masks"), pybind11::arg("out"), pybind11::arg("k"),
         pybind11::arg("fraction"),
-        "Remove the k smallest unmasked |w| (k < 0: round(fraction * n)), ties by position; "
+        "Remove the k smallest unmasked |w| (k None: round(fraction * n)), ties by position; "
         "writes out; returns (n, k, threshold bits, nonfinite).",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef FASTIMP_WITH_CUDA
   m.def("magnitude_threshold_cuda", &magnitude_threshold_cuda, pybind11::arg("weights"),
         pybind11::arg("masks"), pybind11::arg("out"), pybind11::arg("k"),
         pybind11::arg("fraction"),
-        "CUDA version of magnitude_threshold_cpu (tensors on one CUDA device).");
+        "CUDA version of magnitude_threshold_cpu (tensors on one CUDA device).",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 #endif
 }
 

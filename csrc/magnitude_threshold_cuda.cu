@@ -2,7 +2,9 @@
 // with global-memory atomic histograms. One CUDA block per chunk of one tensor; the segment and
 // chunk tables live on the device. The two 65536-bin histograms are scanned on the host (256 KB
 // each), which keeps the selection identical to the CPU code.
+#include "checks.h"
 #include "radix_select.h"
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -21,8 +24,6 @@ namespace {
 constexpr int64_t kChunk = 8192;
 constexpr int kThreads = 256;
 using radix::kBins;
-using radix::select_bin;
-constexpr uint32_t kNonFiniteHi = 0x7f80;
 
 // seg table: per tensor 5 int64: weight ptr, mask ptr (0: none), out ptr, numel, dtype
 // (0 = float32, 1 = float16, 2 = bfloat16). chunk table: per block 3 int64: seg, begin, end.
@@ -137,39 +138,80 @@ std::vector<int64_t> to_host(const at::Tensor& hist_u32) {
   return std::vector<int64_t>(p, p + kBins);
 }
 
+// The CUDA passes of radix::select: one block per chunk, tables on the device.
+struct CudaPass {
+  const int64_t* segs;
+  const int64_t* chunks;
+  int64_t nc;
+  at::Tensor hist;
+  cudaStream_t stream;
+
+  std::vector<int64_t> histogram(bool second, uint32_t hi) {
+    hist.zero_();
+    if (nc > 0) {
+      histogram_kernel<<<nc, kThreads, 0, stream>>>(
+          segs, chunks, second ? 1 : 0, hi, reinterpret_cast<unsigned int*>(hist.data_ptr<int>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return to_host(hist);
+  }
+  void write(uint32_t t, int all_keep) {
+    if (nc == 0) return;
+    write_simple_kernel<<<nc, kThreads, 0, stream>>>(segs, chunks, t, all_keep);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void write_kept() { write(0u, 1); }
+  void write_above(uint32_t t) { write(t, 0); }
+  void write_ranked(uint32_t t, int64_t t_rem) {
+    auto eq = at::zeros({nc}, hist.options().dtype(at::kLong));
+    count_equal_kernel<<<nc, kThreads, 0, stream>>>(
+        segs, chunks, t, reinterpret_cast<long long*>(eq.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto before = at::cumsum(eq, 0) - eq;  // exclusive scan in chunk (= position) order
+    write_ranked_kernel<<<nc, kThreads, 0, stream>>>(
+        segs, chunks, t, t_rem, reinterpret_cast<const long long*>(before.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 }  // namespace
 
-std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cuda(
-    std::vector<at::Tensor> weights, std::vector<at::Tensor> masks, std::vector<at::Tensor> out,
-    int64_t k, double fraction) {
+radix::Result magnitude_threshold_cuda(std::vector<at::Tensor> weights,
+                                       std::vector<at::Tensor> masks,
+                                       std::vector<at::Tensor> out, std::optional<int64_t> k,
+                                       double fraction) {
   const size_t T = weights.size();
-  TORCH_CHECK_VALUE(masks.empty() || masks.size() == T,
-                    "fastimp: argument 'masks': expected an empty list or one mask per weight");
-  TORCH_CHECK_VALUE(out.size() == T, "fastimp: argument 'out': expected one mask per weight");
-  TORCH_CHECK_VALUE(T > 0, "fastimp: argument 'weights': expected at least one tensor");
+  FASTIMP_CHECK_ARG(masks.empty() || masks.size() == T, "masks",
+                    "an empty list or one mask per weight tensor");
+  FASTIMP_CHECK_ARG(out.size() == T, "out", "one output mask per weight tensor");
+  FASTIMP_CHECK_ARG(T > 0, "weights", "at least one tensor");
   const auto device = weights[0].device();
-  TORCH_CHECK_VALUE(device.is_cuda(), "fastimp: argument 'weights': expected CUDA tensors");
-  c10::cuda::CUDAGuard guard(device);
+  FASTIMP_CHECK_ARG(device.is_cuda(), "weights", "CUDA tensors, got ",
+                    check::describe(weights[0]));
+  const c10::cuda::CUDAGuard guard(device);
   std::vector<int64_t> seg_tab, chunk_tab;
   int64_t total = 0;
   for (size_t i = 0; i < T; ++i) {
     const auto& w = weights[i];
-    TORCH_CHECK_VALUE(w.device() == device && w.is_contiguous(),
-                      "fastimp: argument 'weights': expected contiguous tensors on one device");
+    FASTIMP_CHECK_ARG(w.device() == device && w.is_contiguous(), "weights",
+                      "contiguous tensors on one device (", device.str(), "), ", check::entry(i),
+                      " is ", check::describe(w));
     int dt = 0;
     if (w.scalar_type() == at::kFloat) dt = 0;
     else if (w.scalar_type() == at::kHalf) dt = 1;
     else if (w.scalar_type() == at::kBFloat16) dt = 2;
-    else TORCH_CHECK_VALUE(false, "fastimp: argument 'weights': expected float32/16/bfloat16");
-    TORCH_CHECK_VALUE(out[i].device() == device && out[i].is_contiguous() &&
+    else FASTIMP_CHECK_ARG(false, "weights", "float32, float16 or bfloat16 tensors (",
+                           check::entry(i), " is ", check::describe(w), ")");
+    FASTIMP_CHECK_ARG(out[i].device() == device && out[i].is_contiguous() &&
                           out[i].scalar_type() == at::kBool && out[i].numel() == w.numel(),
-                      "fastimp: argument 'out': expected contiguous bool tensors like weights");
+                      "out", "contiguous bool tensors shaped like the weights on ", device.str());
     int64_t mptr = 0;
     if (!masks.empty()) {
-      TORCH_CHECK_VALUE(masks[i].device() == device && masks[i].is_contiguous() &&
+      FASTIMP_CHECK_ARG(masks[i].device() == device && masks[i].is_contiguous() &&
                             masks[i].scalar_type() == at::kBool &&
                             masks[i].numel() == w.numel(),
-                        "fastimp: argument 'masks': expected contiguous bool tensors like weights");
+                        "masks", "contiguous bool tensors shaped like the weights on ",
+                        device.str());
       mptr = reinterpret_cast<int64_t>(masks[i].data_ptr());
     }
     const int64_t s = static_cast<int64_t>(i);
@@ -180,68 +222,17 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> magnitude_threshold_cuda(
       chunk_tab.insert(chunk_tab.end(), {s, b, std::min(w.numel(), b + kChunk)});
     total += w.numel();
   }
-  TORCH_CHECK_VALUE(total < (int64_t(1) << 31),
-                    "fastimp: argument 'weights': expected fewer than 2^31 weights in all");
+  FASTIMP_CHECK_ARG(total < (int64_t(1) << 31), "weights", "fewer than 2^31 weights in all");
   const int64_t nc = static_cast<int64_t>(chunk_tab.size() / 3);
   auto opts_long = at::TensorOptions().dtype(at::kLong);
   auto segs = at::from_blob(seg_tab.data(), {static_cast<int64_t>(seg_tab.size())}, opts_long)
                   .to(device);
-  at::Tensor chunks;
-  if (nc > 0)
-    chunks = at::from_blob(chunk_tab.data(), {nc * 3}, opts_long).to(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  auto hist = at::zeros({kBins}, at::TensorOptions().dtype(at::kInt).device(device));
-  auto* hp = reinterpret_cast<unsigned int*>(hist.data_ptr<int>());
-
-  if (nc > 0) {
-    histogram_kernel<<<nc, kThreads, 0, stream>>>(segs.data_ptr<int64_t>(),
-                                                  chunks.data_ptr<int64_t>(), 0, 0, hp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  std::vector<int64_t> h = to_host(hist);
-  int64_t n = 0, nonfinite = 0;
-  for (int b = 0; b < kBins; ++b) {
-    n += h[b];
-    if (static_cast<uint32_t>(b) >= kNonFiniteHi) nonfinite += h[b];
-  }
-  if (k < 0) k = static_cast<int64_t>(std::nearbyint(fraction * static_cast<double>(n)));
-  if (nonfinite > 0) return {n, k, 0, nonfinite};
-  TORCH_CHECK_VALUE(k <= n, "fastimp: argument 'k': expected at most the number of unmasked "
-                            "weights (", n, "), got ", k);
-  if (nc == 0) return {n, k, 0, 0};
-  if (k == 0) {
-    write_simple_kernel<<<nc, kThreads, 0, stream>>>(segs.data_ptr<int64_t>(),
-                                                     chunks.data_ptr<int64_t>(), 0u, 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {n, 0, 0, 0};
-  }
-  int64_t k_rem = 0;
-  const uint32_t b1 = static_cast<uint32_t>(select_bin(h, k, k_rem));
-  hist.zero_();
-  histogram_kernel<<<nc, kThreads, 0, stream>>>(segs.data_ptr<int64_t>(),
-                                                chunks.data_ptr<int64_t>(), 1, b1, hp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  h = to_host(hist);
-  int64_t t_rem = 0;
-  const uint32_t b2 = static_cast<uint32_t>(select_bin(h, k_rem, t_rem));
-  const uint32_t thr = (b1 << 16) | b2;
-  if (t_rem == h[b2]) {
-    write_simple_kernel<<<nc, kThreads, 0, stream>>>(segs.data_ptr<int64_t>(),
-                                                     chunks.data_ptr<int64_t>(), thr, 0);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    auto eq = at::zeros({nc}, opts_long.device(device));
-    count_equal_kernel<<<nc, kThreads, 0, stream>>>(
-        segs.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), thr,
-        reinterpret_cast<long long*>(eq.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    auto before = at::cumsum(eq, 0) - eq;  // exclusive scan in chunk (= position) order
-    write_ranked_kernel<<<nc, kThreads, 0, stream>>>(
-        segs.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), thr, t_rem,
-        reinterpret_cast<const long long*>(before.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return {n, k, static_cast<int64_t>(thr), 0};
+  at::Tensor chunks = at::empty({0}, opts_long.device(device));
+  if (nc > 0) chunks = at::from_blob(chunk_tab.data(), {nc * 3}, opts_long).to(device);
+  CudaPass pass{segs.data_ptr<int64_t>(), chunks.data_ptr<int64_t>(), nc,
+                at::zeros({kBins}, at::TensorOptions().dtype(at::kInt).device(device)),
+                c10::cuda::getCurrentCUDAStream(device.index()).stream()};
+  return radix::select(pass, k, fraction);
 }
 
 }  // namespace fastimp

@@ -1,18 +1,16 @@
-// Fused masked SGD step, multi-tensor, C++/OpenMP for the CPU (and the binding of the CUDA one).
-//
-// Per element, in fp32 whatever the storage dtype (fp32, bf16, fp16), in torch.optim.SGD's order:
-//   d = maximize ? -g : g
-//   d = d + wd * p                              (coupled weight decay)
-//   b = init ? d : momentum * b + (1 - dampening) * d
-//   d = nesterov ? d + momentum * b : b
-//   p = (decoupled ? p * (1 - lr * wd) : p) - lr * d
-//   p = m ? p : 0,  b = m ? b : 0               (where a mask is given)
-// One pass: read p, g, b, m; write p, b.
+// Fused masked SGD step, multi-tensor, C++/OpenMP for the CPU (and the bindings of the CUDA one).
+// The per-element formula and the hyperparameters are in masked_sgd.h. One pass: read p, g, b, m;
+// write p, b.
+#include "masked_sgd.h"
+
+#include "dispatch.h"
 #include "fastimp.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #ifdef _OPENMP
@@ -23,221 +21,196 @@ namespace fastimp {
 
 #ifdef FASTIMP_WITH_CUDA
 void masked_sgd_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                     const std::vector<c10::optional<at::Tensor>>& bufs,
-                     const std::vector<c10::optional<at::Tensor>>& masks,
-                     const std::vector<bool>& init, double lr, double momentum, double dampening,
-                     double weight_decay, bool nesterov, bool maximize, bool decoupled);
+                     const std::vector<std::optional<at::Tensor>>& bufs,
+                     const std::vector<std::optional<at::Tensor>>& masks,
+                     const std::vector<bool>& init, double lr,
+                     const std::optional<at::Tensor>& lr_tensor, double momentum,
+                     double dampening, double weight_decay, bool nesterov, bool maximize,
+                     bool decoupled);
+std::tuple<at::Tensor, int64_t, int64_t, bool> masked_sgd_cuda_table(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<std::optional<at::Tensor>>& bufs,
+    const std::vector<std::optional<at::Tensor>>& masks);
+void masked_sgd_cuda_launch(const at::Tensor& table, int64_t n_tensors, int64_t n_chunks,
+                            const at::Tensor& like, bool init, double lr,
+                            const std::optional<at::Tensor>& lr_tensor, double momentum,
+                            double dampening, double weight_decay, bool nesterov, bool maximize,
+                            bool decoupled);
 #endif
 
 namespace {
 
-enum Mom { kNoMom = 0, kMom = 1, kMomInit = 2, kNest = 3, kNestInit = 4 };
-enum Wd { kNoWd = 0, kCoupled = 1, kDecoupled = 2 };
-
-struct Scalars {
-  float neg_lr, momentum, one_minus_damp, wd, decay, sign;
-};
-
-template <bool FMA>
-inline float madd(float a, float b, float c) {
-  if constexpr (FMA) {
-    return __builtin_fmaf(a, b, c);
-  } else {
-    return a * b + c;
-  }
-}
+using sgd::Coeffs;
 
 template <typename T>
-inline float load(T x) { return static_cast<float>(x); }
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
 
 // x & keep on the bits (keep is all ones or 0): a select the vectorizer turns into one AND, and
 // it zeroes NaN/inf at masked coordinates too.
-inline float and_bits(float x, uint32_t keep) {
-  uint32_t u;
+template <typename acc_t>
+inline acc_t and_bits(acc_t x, bool keep) {
+  using U = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  U u;
   std::memcpy(&u, &x, sizeof(u));
-  u &= keep;
+  u &= U(0) - static_cast<U>(keep);
   std::memcpy(&x, &u, sizeof(x));
   return x;
 }
 
-// The inner loop: no branches that depend on the element, so the compiler vectorizes it.
-template <typename T, int MOM, int WD, bool MASK, bool FMA>
-__attribute__((always_inline)) inline void step_range(const Scalars s, T* __restrict p,
-                                                      const T* __restrict g, T* __restrict b,
+// The inner loop: MOM, WD, INIT, MASK are compile-time constants, so the loop has no branches
+// that depend on the element and the compiler vectorizes it.
+template <typename T, int MOM, int WD, bool INIT, bool MASK, bool FMA>
+__attribute__((always_inline)) inline void step_range(const Coeffs<typename Acc<T>::type> c,
+                                                      T* __restrict p, const T* __restrict g,
+                                                      T* __restrict b,
                                                       const uint8_t* __restrict m, int64_t n) {
+  using acc_t = typename Acc<T>::type;
   for (int64_t i = 0; i < n; ++i) {
-    const float pi = load(p[i]);
-    float d = load(g[i]) * s.sign;
-    if constexpr (WD == kCoupled) d = madd<FMA>(pi, s.wd, d);
-    float bi = 0.f;
-    if constexpr (MOM == kMomInit || MOM == kNestInit) {
-      bi = d;
-    } else if constexpr (MOM == kMom || MOM == kNest) {
-      bi = madd<FMA>(d, s.one_minus_damp, load(b[i]) * s.momentum);
-    }
-    if constexpr (MOM == kNest || MOM == kNestInit) {
-      d = madd<FMA>(bi, s.momentum, d);
-    } else if constexpr (MOM != kNoMom) {
-      d = bi;
-    }
-    float pn;
-    if constexpr (WD == kDecoupled) {
-      pn = madd<FMA>(d, s.neg_lr, pi * s.decay);
-    } else {
-      pn = madd<FMA>(d, s.neg_lr, pi);
-    }
+    acc_t pi = static_cast<acc_t>(p[i]);
+    acc_t bi = (MOM != sgd::kNoMom && !INIT) ? static_cast<acc_t>(b[i]) : acc_t(0);
+    sgd::update<FMA>(c, MOM, WD, INIT, pi, static_cast<acc_t>(g[i]), bi);
     if constexpr (MASK) {
-      const uint32_t keep = 0u - static_cast<uint32_t>(m[i] != 0);
-      pn = and_bits(pn, keep);
+      const bool keep = m[i] != 0;
+      pi = and_bits(pi, keep);
       bi = and_bits(bi, keep);
     }
-    p[i] = static_cast<T>(pn);
-    if constexpr (MOM != kNoMom) b[i] = static_cast<T>(bi);
+    p[i] = static_cast<T>(pi);
+    if constexpr (MOM != sgd::kNoMom) b[i] = static_cast<T>(bi);
   }
 }
 
-using RangeFn = void (*)(const Scalars, void*, const void*, void*, const uint8_t*, int64_t);
+struct Work;
+using RangeFn = void (*)(const Work&, int64_t start, int64_t n);
 
-template <typename T, int MOM, int WD, bool MASK>
-void range_default(const Scalars s, void* p, const void* g, void* b, const uint8_t* m, int64_t n) {
-  step_range<T, MOM, WD, MASK, false>(s, static_cast<T*>(p), static_cast<const T*>(g),
-                                      static_cast<T*>(b), m, n);
+struct Work {
+  RangeFn fn;
+  void* p;
+  const void* g;
+  void* b;
+  const uint8_t* m;
+  int64_t n;
+  Coeffs<float> cf;
+  Coeffs<double> cd;
+};
+
+template <typename T, int MOM, int WD, bool INIT, bool MASK, bool FMA>
+void run_range(const Work& w, int64_t start, int64_t n) {
+  const auto& c = [&]() -> const Coeffs<typename Acc<T>::type>& {
+    if constexpr (std::is_same_v<T, double>) return w.cd; else return w.cf;
+  }();
+  step_range<T, MOM, WD, INIT, MASK, FMA>(c, static_cast<T*>(w.p) + start,
+                                          static_cast<const T*>(w.g) + start,
+                                          w.b ? static_cast<T*>(w.b) + start : nullptr,
+                                          w.m ? w.m + start : nullptr, n);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FASTIMP_HAVE_AVX2 1
-// Same loop compiled for AVX2 + FMA (chosen at run time): fused multiply-adds, as ATen's kernels use.
-template <typename T, int MOM, int WD, bool MASK>
-__attribute__((target("avx2,fma,f16c"))) void range_avx2(const Scalars s, void* p, const void* g,
-                                                         void* b, const uint8_t* m, int64_t n) {
-  step_range<T, MOM, WD, MASK, true>(s, static_cast<T*>(p), static_cast<const T*>(g),
-                                     static_cast<T*>(b), m, n);
+// The same loop compiled for AVX2 + FMA (chosen at run time): fused multiply-adds, as ATen uses.
+template <typename T, int MOM, int WD, bool INIT, bool MASK>
+__attribute__((target("avx2,fma,f16c"))) void run_range_avx2(const Work& w, int64_t start,
+                                                             int64_t n) {
+  run_range<T, MOM, WD, INIT, MASK, true>(w, start, n);
 }
 #endif
 
-template <typename T, int MOM, int WD, bool MASK>
+template <typename T, int MOM, int WD, bool INIT, bool MASK>
 RangeFn pick_isa() {
 #ifdef FASTIMP_HAVE_AVX2
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return &range_avx2<T, MOM, WD, MASK>;
+  if (avx2) return &run_range_avx2<T, MOM, WD, INIT, MASK>;
 #endif
-  return &range_default<T, MOM, WD, MASK>;
-}
-
-template <typename T, int MOM, int WD>
-RangeFn pick_mask(bool mask) {
-  return mask ? pick_isa<T, MOM, WD, true>() : pick_isa<T, MOM, WD, false>();
-}
-
-template <typename T, int MOM>
-RangeFn pick_wd(int wd, bool mask) {
-  switch (wd) {
-    case kCoupled: return pick_mask<T, MOM, kCoupled>(mask);
-    case kDecoupled: return pick_mask<T, MOM, kDecoupled>(mask);
-    default: return pick_mask<T, MOM, kNoWd>(mask);
-  }
+  return &run_range<T, MOM, WD, INIT, MASK, false>;
 }
 
 template <typename T>
-RangeFn pick(int mom, int wd, bool mask) {
-  switch (mom) {
-    case kMom: return pick_wd<T, kMom>(wd, mask);
-    case kMomInit: return pick_wd<T, kMomInit>(wd, mask);
-    case kNest: return pick_wd<T, kNest>(wd, mask);
-    case kNestInit: return pick_wd<T, kNestInit>(wd, mask);
-    default: return pick_wd<T, kNoMom>(wd, mask);
+RangeFn pick(int mom, int wd, bool init, bool mask) {
+  RangeFn fn = nullptr;
+  with_int<sgd::kNoMom, sgd::kMom, sgd::kNest>(mom, [&](auto M) {
+    with_int<sgd::kNoWd, sgd::kCoupled, sgd::kDecoupled>(wd, [&](auto W) {
+      with_bool(init && decltype(M)::value != sgd::kNoMom, [&](auto I) {
+        with_bool(mask, [&](auto K) {
+          fn = pick_isa<T, decltype(M)::value, decltype(W)::value, decltype(I)::value,
+                        decltype(K)::value>();
+        });
+      });
+    });
+  });
+  return fn;
+}
+
+RangeFn pick_dtype(at::ScalarType st, int mom, int wd, bool init, bool mask) {
+  switch (st) {
+    case at::kFloat: return pick<float>(mom, wd, init, mask);
+    case at::kDouble: return pick<double>(mom, wd, init, mask);
+    case at::kBFloat16: return pick<c10::BFloat16>(mom, wd, init, mask);
+    default: return pick<c10::Half>(mom, wd, init, mask);
   }
 }
 
-struct Work {
-  RangeFn fn;
-  char* p;
-  const char* g;
-  char* b;
-  const uint8_t* m;
-  int64_t n;
-  int64_t elem;  // bytes per element of p, g, b
-};
-
-constexpr int64_t kChunk = 16384;  // elements per scheduling unit (fits L1/L2 comfortably)
+constexpr int64_t kChunk = 16384;        // elements per scheduling unit (fits L1/L2 comfortably)
 constexpr int64_t kSerialBelow = 32768;  // total elements under which threads cost more than they save
-
-void check_same_layout(const at::Tensor& t, const at::Tensor& p, const char* name, size_t i,
-                       bool same_dtype) {
-  FASTIMP_CHECK_ARG(t.device() == p.device(), name,
-                    "tensor " + std::to_string(i) + " on the device of its param (" +
-                        p.device().str() + "), got " + t.device().str());
-  FASTIMP_CHECK_ARG(t.sizes() == p.sizes() && (t.strides() == p.strides() ||
-                                                (t.is_contiguous() && p.is_contiguous())),
-                    name,
-                    "tensor " + std::to_string(i) + " with the shape and strides of its param");
-  if (same_dtype) {
-    FASTIMP_CHECK_ARG(t.scalar_type() == p.scalar_type(), name,
-                      "tensor " + std::to_string(i) + " of the param's dtype " +
-                          std::string(c10::toString(p.scalar_type())));
-  } else {
-    FASTIMP_CHECK_ARG(t.scalar_type() == at::kBool || t.scalar_type() == at::kByte, name,
-                      "tensor " + std::to_string(i) + " of dtype bool or uint8");
-  }
-}
 
 }  // namespace
 
-// One step over a list of tensors (any mix of fp32/bf16/fp16 params, each with its grad, buffer
-// and mask of the same shape and strides). Buffers are required when momentum != 0; init[i]
-// marks a buffer being created this step (torch.optim.SGD's buf = d, no dampening).
+// lr from the number, or from lr_tensor when given (read on the host here: a CPU tensor).
+double host_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value()) return lr;
+  check::device_scalar(*lr_tensor, at::Device(at::kCPU), "lr");
+  return lr_tensor->item<double>();
+}
+
+// One step over a list of tensors (any mix of float32/float64/bf16/fp16 params, each with its
+// grad, buffer and mask laid out alike). Buffers are required when momentum != 0; init[i] marks a
+// buffer being created this step (torch.optim.SGD's buf = d, no dampening).
 void masked_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                    const std::vector<c10::optional<at::Tensor>>& bufs,
-                    const std::vector<c10::optional<at::Tensor>>& masks,
-                    const std::vector<bool>& init, double lr, double momentum, double dampening,
-                    double weight_decay, bool nesterov, bool maximize, bool decoupled) {
+                    const std::vector<std::optional<at::Tensor>>& bufs,
+                    const std::vector<std::optional<at::Tensor>>& masks,
+                    const std::vector<bool>& init, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double momentum,
+                    double dampening, double weight_decay, bool nesterov, bool maximize,
+                    bool decoupled) {
   const size_t nt = params.size();
   FASTIMP_CHECK_ARG(grads.size() == nt && bufs.size() == nt && masks.size() == nt &&
                         init.size() == nt,
                     "params", "lists params, grads, bufs, masks, init of one length");
   FASTIMP_CHECK_ARG(!nesterov || momentum != 0.0, "nesterov", "momentum != 0");
-  const bool has_mom = momentum != 0.0;
-  const int wd = weight_decay == 0.0 ? kNoWd : (decoupled ? kDecoupled : kCoupled);
-  Scalars s;
-  s.neg_lr = static_cast<float>(-lr);
-  s.momentum = static_cast<float>(momentum);
-  s.one_minus_damp = static_cast<float>(1.0 - dampening);
-  s.wd = static_cast<float>(weight_decay);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.sign = maximize ? -1.f : 1.f;
+  const sgd::Hyper h = sgd::make_hyper(host_lr(lr, lr_tensor), momentum, dampening,
+                                       weight_decay, nesterov, maximize, decoupled);
+  const bool has_mom = h.mom != sgd::kNoMom;
+  const Coeffs<float> cf = sgd::coeffs<float>(h.lr, h);
+  const Coeffs<double> cd = sgd::coeffs<double>(h.lr, h);
 
   std::vector<Work> work;
   work.reserve(nt);
   std::vector<int64_t> first_chunk(nt + 1, 0);
   for (size_t i = 0; i < nt; ++i) {
     const at::Tensor& p = params[i];
-    FASTIMP_CHECK_ARG(p.device().is_cpu(), "params", "CPU tensors");
-    FASTIMP_CHECK_ARG(p.is_non_overlapping_and_dense(), "params",
-                      "dense, non-overlapping tensors");
-    const auto st = p.scalar_type();
-    FASTIMP_CHECK_ARG(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "params",
-                      "float32, bfloat16 or float16 tensors");
-    check_same_layout(grads[i], p, "grads", i, true);
-    char* bp = nullptr;
+    FASTIMP_CHECK_ARG(p.device().is_cpu(), "params", "CPU tensors, got ", check::describe(p));
+    FASTIMP_CHECK_ARG(p.is_non_overlapping_and_dense(), "params", "dense, non-overlapping tensors");
+    FASTIMP_CHECK_ARG(check::is_float_kind(p.scalar_type()), "params",
+                      "float32, float64, bfloat16 or float16 tensors, got ", check::describe(p));
+    check::like_param(grads[i], p, "grads", i);
+    void* bp = nullptr;
     if (has_mom) {
       FASTIMP_CHECK_ARG(bufs[i].has_value(), "bufs", "a buffer for every param when momentum != 0");
-      check_same_layout(*bufs[i], p, "bufs", i, true);
-      bp = static_cast<char*>(bufs[i]->data_ptr());
+      check::like_param(*bufs[i], p, "bufs", i);
+      bp = bufs[i]->data_ptr();
     }
     const uint8_t* mp = nullptr;
     if (masks[i].has_value()) {
-      check_same_layout(*masks[i], p, "masks", i, false);
+      check::mask_like_param(*masks[i], p, "masks", i);
       mp = static_cast<const uint8_t*>(masks[i]->data_ptr());
     }
-    int mom = kNoMom;
-    if (has_mom) mom = nesterov ? (init[i] ? kNestInit : kNest) : (init[i] ? kMomInit : kMom);
-    RangeFn fn = st == at::kFloat      ? pick<float>(mom, wd, mp != nullptr)
-                 : st == at::kBFloat16 ? pick<c10::BFloat16>(mom, wd, mp != nullptr)
-                                       : pick<c10::Half>(mom, wd, mp != nullptr);
     const int64_t n = p.numel();
-    work.push_back({fn, static_cast<char*>(p.data_ptr()),
-                    static_cast<const char*>(grads[i].data_ptr()), bp, mp, n,
-                    static_cast<int64_t>(p.element_size())});
+    work.push_back({pick_dtype(p.scalar_type(), h.mom, h.wd, init[i], mp != nullptr), p.data_ptr(),
+                    grads[i].data_ptr(), bp, mp, n, cf, cd});
     first_chunk[i + 1] = first_chunk[i] + (n + kChunk - 1) / kChunk;
   }
   const int64_t total_chunks = first_chunk[nt];
@@ -249,9 +222,7 @@ void masked_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at:
                      first_chunk.begin() - 1;
     const Work& w = work[i];
     const int64_t start = (c - first_chunk[i]) * kChunk;
-    const int64_t n = std::min(kChunk, w.n - start);
-    w.fn(s, w.p + start * w.elem, w.g + start * w.elem, w.b ? w.b + start * w.elem : nullptr,
-         w.m ? w.m + start : nullptr, n);
+    w.fn(w, start, std::min(kChunk, w.n - start));
   };
 #ifdef _OPENMP
   const int threads = std::max(1, at::get_num_threads());
@@ -265,20 +236,31 @@ void masked_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at:
 }
 
 void register_masked_sgd(pybind11::module_& m) {
+  namespace py = pybind11;
   m.def("masked_sgd_cpu", &masked_sgd_cpu, "Fused multi-tensor masked SGD step on CPU tensors",
-        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("bufs"),
-        pybind11::arg("masks"), pybind11::arg("init"), pybind11::arg("lr"),
-        pybind11::arg("momentum"), pybind11::arg("dampening"), pybind11::arg("weight_decay"),
-        pybind11::arg("nesterov"), pybind11::arg("maximize"), pybind11::arg("decoupled"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("masks"), py::arg("init"),
+        py::arg("lr"), py::arg("lr_tensor"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decoupled"),
+        py::call_guard<py::gil_scoped_release>());
 #ifdef FASTIMP_WITH_CUDA
   m.def("masked_sgd_cuda", &masked_sgd_cuda,
-        "Fused multi-tensor masked SGD step on CUDA tensors (one launch per device and dtype)",
-        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("bufs"),
-        pybind11::arg("masks"), pybind11::arg("init"), pybind11::arg("lr"),
-        pybind11::arg("momentum"), pybind11::arg("dampening"), pybind11::arg("weight_decay"),
-        pybind11::arg("nesterov"), pybind11::arg("maximize"), pybind11::arg("decoupled"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        "Fused multi-tensor masked SGD step on CUDA tensors of one device and dtype (checks, "
+        "builds the device table and launches; one launch per init value)",
+        py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("masks"), py::arg("init"),
+        py::arg("lr"), py::arg("lr_tensor"), py::arg("momentum"), py::arg("dampening"),
+        py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decoupled"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("masked_sgd_cuda_table", &masked_sgd_cuda_table,
+        "Checks a group and uploads its device table; returns (table, n_tensors, n_chunks, "
+        "aligned). Refuses during CUDA graph capture.",
+        py::arg("params"), py::arg("grads"), py::arg("bufs"), py::arg("masks"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("masked_sgd_cuda_launch", &masked_sgd_cuda_launch,
+        "One launch over a table from masked_sgd_cuda_table: no host-to-device copy, no sync",
+        py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("like"),
+        py::arg("init"), py::arg("lr"), py::arg("lr_tensor"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"),
+        py::arg("decoupled"), py::call_guard<py::gil_scoped_release>());
 #endif
 }
 

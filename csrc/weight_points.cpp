@@ -77,7 +77,8 @@ void register_weight_points(pybind11::module_& m) {
   m.def("weight_points_cpu", &weight_points_cpu, "theta = origin + coeffs @ directions (clamped "
         "coefficients where clip), written into out [K, D]",
         pybind11::arg("origin"), pybind11::arg("directions"), pybind11::arg("coeffs"),
-        pybind11::arg("clip"), pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("out"));
+        pybind11::arg("clip"), pybind11::arg("lo"), pybind11::arg("hi"), pybind11::arg("out"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace fastimp

@@ -3,6 +3,12 @@ r"""``MaskedSGD``: ``torch.optim.SGD`` that keeps pruned weights (and their mome
 After every step the result equals ``torch.optim.SGD.step()`` followed by ``p.mul_(m)`` and
 ``momentum_buffer.mul_(m)`` for every masked parameter, computed in one fused pass per device
 and dtype (see :mod:`fastimp.ops.masked_sgd` for the formula and the backends).
+
+``lr`` may be a one-element float tensor on the parameters' device (as ``torch.optim.SGD``
+accepts): the ``cuda`` and ``triton`` backends read it on the device, so with the tensor tables
+cached (same params, grads, buffers and masks as the step before) a step makes no host-to-device
+copy and no sync and can be captured in a CUDA graph after one warm-up step. Under
+``torch.compile`` the step is one custom op per param group (no graph break).
 """
 from __future__ import annotations
 
@@ -11,10 +17,15 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 from torch.optim import Optimizer
 
-from fastimp.ops.masked_sgd import _DTYPES, masked_sgd_
+from fastimp.ops.masked_sgd import DTYPES, call_op, masked_sgd_
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32,
                 torch.float64)
+
+
+def _lr(value: Any) -> float | torch.Tensor:
+    """A group's lr as the op takes it: a tensor is passed through (read on the device)."""
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def _to_float(value: Any, name: str) -> float:
@@ -48,8 +59,10 @@ class MaskedSGD(Optimizer):
             ``weight_decay * p`` to the gradient instead. (Composer's ``DecoupledSGDW`` scales
             the decay by ``lr / initial_lr`` rather than ``lr``: pass
             ``weight_decay = wd / initial_lr`` to reproduce it.)
-        backend: ``"auto"`` (fastest available per device) or ``"torch"``, ``"cpu"``,
-            ``"cuda"``, ``"triton"`` (see ``fastimp.backends()``).
+        lr: a number, or a one-element float32/float64 tensor (read on the device by the
+            ``cuda`` and ``triton`` backends; lr schedulers update it in place).
+        backend: ``"auto"`` (the first available in the device's order) or ``"torch"``,
+            ``"cpu"``, ``"cuda"``, ``"triton"`` (see ``fastimp.backends()``).
         foreach, fused: accepted and ignored (torch.optim.SGD's; every step here is fused).
         differentiable: only False.
 
@@ -94,9 +107,10 @@ class MaskedSGD(Optimizer):
         g = self.param_groups[-1]
         _check_hparams(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"])
         for p in g["params"]:
-            if p.dtype not in _DTYPES:
-                raise TypeError(f"params: expected float32, bfloat16 or float16 parameters, got "
-                                f"{p.dtype} (complex and integer parameters are not supported)")
+            if p.dtype not in DTYPES:
+                raise TypeError(f"params: expected float32, float64, bfloat16 or float16 "
+                                f"parameters, got {p.dtype} (complex and integer parameters are "
+                                "not supported)")
 
     # masks ------------------------------------------------------------------------------------
     def set_masks(self, masks: Optional[Mapping]) -> None:
@@ -152,41 +166,63 @@ class MaskedSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        state = self.state
+        compiling = torch.compiler.is_compiling()
         for group in self.param_groups:
             momentum = _to_float(group["momentum"], "momentum")
-            params, grads, bufs, masks = [], [], [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("MaskedSGD does not support sparse gradients (use dense "
-                                       "grads, e.g. nn.Embedding(sparse=False))")
-                if g.dtype is not p.dtype:
-                    raise ValueError(f"grad: expected the param's dtype {p.dtype}, got {g.dtype}")
-                params.append(p)
-                grads.append(g)
-                st = state.get(p)
-                if st:
-                    bufs.append(st.get("momentum_buffer") if momentum != 0 else None)
-                    masks.append(st.get("mask"))
-                else:
-                    bufs.append(None)
-                    masks.append(None)
+            params, grads, bufs, masks = self._group_lists(group, momentum != 0)
             if not params:
                 continue
-            new_bufs = masked_sgd_(
-                params, grads, bufs, masks, lr=_to_float(group["lr"], "lr"), momentum=momentum,
-                dampening=_to_float(group["dampening"], "dampening"),
-                weight_decay=_to_float(group["weight_decay"], "weight_decay"),
-                nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-                decoupled=bool(group["decoupled_weight_decay"]), backend=self.backend)
+            kw = dict(lr=_lr(group["lr"]), momentum=momentum,
+                      dampening=_to_float(group["dampening"], "dampening"),
+                      weight_decay=_to_float(group["weight_decay"], "weight_decay"),
+                      nesterov=bool(group["nesterov"]),
+                      maximize=bool(group["maximize"]),
+                      decoupled=bool(group["decoupled_weight_decay"]))
+            if compiling:
+                self._step_traced(params, grads, bufs, masks, kw)
+                continue
+            new_bufs = masked_sgd_(params, grads, bufs, masks, backend=self.backend, **kw)
             if momentum != 0:
                 for p, b, old in zip(params, new_bufs, bufs):
                     if old is None:
-                        state[p]["momentum_buffer"] = b
+                        self.state[p]["momentum_buffer"] = b
         return loss
+
+    def _group_lists(self, group, has_mom: bool):
+        """Params with a grad, their grads, buffers (None: new) and masks."""
+        params, grads, bufs, masks = [], [], [], []
+        state = self.state
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("MaskedSGD does not support sparse gradients (use dense "
+                                   "grads, e.g. nn.Embedding(sparse=False))")
+            if g.dtype is not p.dtype:
+                raise ValueError(f"grad: expected the param's dtype {p.dtype}, got {g.dtype}")
+            params.append(p)
+            grads.append(g)
+            st = state.get(p)
+            if st:
+                bufs.append(st.get("momentum_buffer") if has_mom else None)
+                masks.append(st.get("mask"))
+            else:
+                bufs.append(None)
+                masks.append(None)
+        return params, grads, bufs, masks
+
+    def _step_traced(self, params, grads, bufs, masks, kw) -> None:
+        """The step as torch.compile traces it: buffers created with torch ops, then one call of
+        the custom op ``fastimp::masked_sgd_``."""
+        init = [False] * len(params)
+        if kw["momentum"] != 0:
+            for i, p in enumerate(params):
+                if bufs[i] is None:
+                    bufs[i] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["momentum_buffer"] = bufs[i]
+                    init[i] = True
+        call_op(params, grads, bufs, masks, init, backend=self.backend, **kw)
 
 
 def _check_hparams(lr, momentum, dampening, weight_decay, nesterov) -> None:

@@ -39,8 +39,9 @@ def _load_keys(segs, chunks, pid, BLOCK: tl.constexpr):
     return key, live, valid, offs, o_addr
 
 
-@triton.jit
-def _histogram_kernel(segs, chunks, hist, hi, SECOND: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["hi"])
+def _histogram_kernel(segs, chunks, hist, hi, SECOND: tl.constexpr, BLOCK: tl.constexpr,
+                      SEM: tl.constexpr):
     key, live, valid, offs, o_addr = _load_keys(segs, chunks, tl.program_id(0), BLOCK)
     if SECOND:
         live = live & ((key >> 16) == hi)
@@ -48,10 +49,11 @@ def _histogram_kernel(segs, chunks, hist, hi, SECOND: tl.constexpr, BLOCK: tl.co
     else:
         digit = key >> 16
     ones = tl.full([BLOCK], 1, tl.int32)
-    tl.atomic_add(hist + digit, ones, mask=live)
+    # relaxed: a count needs no ordering (the default acq_rel fences every element)
+    tl.atomic_add(hist + digit, ones, mask=live, sem=SEM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["thr"])
 def _count_equal_kernel(segs, chunks, thr, eq, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     key, live, valid, offs, o_addr = _load_keys(segs, chunks, pid, BLOCK)
@@ -59,7 +61,7 @@ def _count_equal_kernel(segs, chunks, thr, eq, BLOCK: tl.constexpr):
     tl.store(eq + pid, tl.sum(tie.to(tl.int64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["thr", "t_rem"])
 def _write_kernel(segs, chunks, thr, t_rem, eq_before, RANKED: tl.constexpr,
                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -86,13 +88,21 @@ def _select_bin(hist: torch.Tensor, k: int) -> Tuple[int, int]:
 
 def magnitude_threshold_triton(weights: Sequence[torch.Tensor],
                                masks: Optional[Sequence[torch.Tensor]],
-                               out: Sequence[torch.Tensor], k: int, fraction: float,
-                               block: Optional[int] = None):
+                               out: Sequence[torch.Tensor], k: Optional[int], fraction: float,
+                               block: Optional[int] = None,
+                               sem: str = "relaxed") -> Tuple[int, int, int, int]:
     """Writes ``out``; returns ``(n, k, threshold key bits, nonfinite)`` like the C++ kernel
-    (k < 0: k = round(fraction · n)). float16/bfloat16 weights are read through float32 copies."""
+    (k None: k = round(fraction · n)). float16/bfloat16 weights are read through float32 copies.
+    ``sem``: the histogram atomics' memory order (benchmarks compare "relaxed" and "acq_rel")."""
     device = weights[0].device
-    if block is None:
-        block = 1024 if device.type == "cuda" else 128
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return _select(weights, masks, out, k, fraction, block or 1024, sem)
+    return _select(weights, masks, out, k, fraction, block or 128, sem)
+
+
+def _select(weights, masks, out, k, fraction, block, sem):
+    device = weights[0].device
     total = sum(w.numel() for w in weights)
     if total >= 2 ** 31:
         raise ValueError("magnitude_threshold (triton): argument 'weights': expected fewer than "
@@ -108,16 +118,16 @@ def magnitude_threshold_triton(weights: Sequence[torch.Tensor],
     grid = (nc,)
     hist = torch.zeros(_BINS, dtype=torch.int32, device=device)
     if nc:
-        _histogram_kernel[grid](segs, chunks, hist, 0, SECOND=False, BLOCK=block)
+        _histogram_kernel[grid](segs, chunks, hist, 0, SECOND=False, BLOCK=block, SEM=sem)
     h = hist.to(torch.int64).cpu()
     n = int(h.sum())
     nonfinite = int(h[_NONFINITE_HI:].sum())
-    if k < 0:
+    if k is None:
         k = round(fraction * n)
     if nonfinite:
         return n, k, 0, nonfinite
-    if k > n:
-        raise ValueError(f"magnitude_threshold: argument 'k': expected at most n={n} (the "
+    if not 0 <= k <= n:
+        raise ValueError(f"magnitude_threshold: argument 'k': expected 0 <= k <= n={n} (the "
                          f"unmasked weights), got {k}")
     dummy = torch.zeros(1, dtype=torch.int64, device=device)
     if k == 0:
@@ -126,7 +136,7 @@ def magnitude_threshold_triton(weights: Sequence[torch.Tensor],
         return n, 0, 0, 0
     b1, k_rem = _select_bin(h, k)
     hist.zero_()
-    _histogram_kernel[grid](segs, chunks, hist, b1, SECOND=True, BLOCK=block)
+    _histogram_kernel[grid](segs, chunks, hist, b1, SECOND=True, BLOCK=block, SEM=sem)
     h2 = hist.to(torch.int64).cpu()
     b2, t_rem = _select_bin(h2, k_rem)
     thr = (b1 << 16) | b2

@@ -6,6 +6,10 @@ the k positions of U with the smallest |w|; among equal |w| (ties) the earlier p
 first. The new masks are written to ``out``. With ``fraction`` instead of k, k = round(fraction·n),
 n = |U| (Python's round: half to even). This is Algorithm 1 line 5 of the paper.
 
+Backends take ``impl(weights, masks, out, k, fraction) -> Threshold`` (``k`` None: use
+``fraction``), write the preallocated ``out`` and return the typed result. Under
+``torch.compile`` the op is the custom op ``torch.ops.fastimp.magnitude_threshold``.
+
 Backends: ``torch`` (the reference: concatenate + stable sort), ``cpu`` (C++/OpenMP two-pass
 16+16-bit radix select over the float bits of |w|), ``cuda`` (the same on the GPU) and ``triton``
 (histogram radix select through an int64 address table, no ``torch.cat``). Kernel backends take
@@ -18,11 +22,20 @@ import math
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from fastimp import _ext
 from fastimp._backend import register_op, resolve
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Threshold(NamedTuple):
+    """What every backend returns."""
+    n: int            # unmasked weights before pruning
+    k: int            # weights pruned
+    threshold: float  # largest pruned |w| (-inf when k = 0; NaN when nonfinite)
+    nonfinite: int    # NaN/inf among the unmasked weights (then nothing was written)
 
 
 class Selection(NamedTuple):
@@ -38,11 +51,10 @@ def _as_sort_key(w: torch.Tensor) -> torch.Tensor:
 
 
 def reference(weights: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Tensor]],
-              out: Sequence[torch.Tensor], k: int, fraction: float):
-    """Concatenate the unmasked |w| in position order, stable-sort, remove the first k.
-
-    Returns ``(n, k, threshold, nonfinite)``; ``k < 0`` means k = round(fraction·n). When some
-    unmasked weight is NaN/inf, nothing is written and ``nonfinite`` counts them."""
+              out: Sequence[torch.Tensor], k: Optional[int], fraction: float) -> Threshold:
+    """Concatenate the unmasked |w| in position order, stable-sort, remove the first k
+    (k None: k = round(fraction·n)). When some unmasked weight is NaN/inf, nothing is written and
+    ``nonfinite`` counts them."""
     vals = []
     for i, w in enumerate(weights):
         a = _as_sort_key(w)
@@ -53,12 +65,12 @@ def reference(weights: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Te
     allv = torch.cat(vals) if vals else torch.zeros(0, device=device)
     n = allv.numel()
     nonfinite = int((~torch.isfinite(allv)).sum())
-    if k < 0:
+    if k is None:
         k = round(fraction * n)
     if nonfinite:
-        return n, k, float("nan"), nonfinite
-    if k > n:
-        raise ValueError(f"magnitude_threshold: argument 'k': expected at most n={n} (the "
+        return Threshold(n, k, float("nan"), nonfinite)
+    if not 0 <= k <= n:
+        raise ValueError(f"magnitude_threshold: argument 'k': expected 0 <= k <= n={n} (the "
                          f"unmasked weights), got {k}")
     order = torch.sort(allv, stable=True).indices
     keep = torch.ones(n, dtype=torch.bool, device=device)
@@ -76,7 +88,7 @@ def reference(weights: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Te
             o.zero_()
             o[mf] = keep[off:off + c]
             off += c
-    return n, k, threshold, 0
+    return Threshold(n, k, threshold, 0)
 
 
 def _kernel_ok(weights) -> bool:
@@ -89,9 +101,9 @@ def _compiled(symbol: str):
         if not _kernel_ok(weights):
             return reference(weights, masks, out, k, fraction)
         n, k, bits, nonfinite = getattr(_ext._C, symbol)(
-            list(weights), list(masks) if masks is not None else [], list(out), int(k),
+            list(weights), list(masks) if masks is not None else [], list(out), k,
             float(fraction))
-        return n, k, _bits_to_float(bits, k), nonfinite
+        return _typed(n, k, bits, nonfinite)
     run.__name__ = f"_{symbol}"
     return run
 
@@ -104,20 +116,52 @@ def _triton(weights, masks, out, k, fraction):
     if not _kernel_ok(weights):
         return reference(weights, masks, out, k, fraction)
     from fastimp.kernels.magnitude_threshold import magnitude_threshold_triton
-    n, k, bits, nonfinite = magnitude_threshold_triton(weights, masks, out, k, fraction)
-    return n, k, _bits_to_float(bits, k), nonfinite
+    return _typed(*magnitude_threshold_triton(weights, masks, out, k, fraction))
 
 
-def _bits_to_float(bits: int, k: int) -> float:
+def _typed(n: int, k: int, bits: int, nonfinite: int) -> Threshold:
+    """A kernel's (n, k, threshold key bits, nonfinite) as a Threshold."""
+    if nonfinite:
+        return Threshold(n, k, float("nan"), nonfinite)
     if k <= 0:
-        return float("-inf")
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+        return Threshold(n, k, float("-inf"), 0)
+    return Threshold(n, k, float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)), 0)
 
 
+# Order on CUDA: Triton first, then the CUDA kernel. Neither has been timed on a GPU yet, so this
+# is not a speed claim: the Triton kernels' source runs in CI (Triton interpreter) on every
+# backend test, the CUDA kernels are only compiled. `python -m benchmarks.gpu_check` times both.
 register_op("magnitude_threshold",
             {"torch": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton},
             auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")},
             ext_symbols={"cpu": "magnitude_threshold_cpu", "cuda": "magnitude_threshold_cuda"})
+
+
+def _run(weights, masks, out, k, fraction, backend) -> Threshold:
+    device = weights[0].device if weights else torch.device("cpu")
+    return resolve("magnitude_threshold", backend, device)(weights, masks, out, k, fraction)
+
+
+@torch.library.custom_op("fastimp::magnitude_threshold", mutates_args=("out",))
+def _magnitude_threshold_op(weights: List[Tensor], masks: List[Tensor], out: List[Tensor],
+                            k: Optional[int], fraction: float, backend: str) -> Tensor:
+    """The op as a torch custom op (``masks`` empty: none): float64 [4] on the CPU =
+    (n, k, threshold, nonfinite)."""
+    return torch.tensor(list(_run(weights, masks or None, out, k, fraction, backend)),
+                        dtype=torch.float64)
+
+
+@_magnitude_threshold_op.register_fake
+def _(weights, masks, out, k, fraction, backend):
+    return torch.empty(4, dtype=torch.float64, device="cpu")
+
+
+def call_op(weights, masks, out, k, fraction, backend) -> Threshold:
+    """The op through ``torch.ops.fastimp.magnitude_threshold`` (what ``torch.compile`` traces)."""
+    r = torch.ops.fastimp.magnitude_threshold(list(weights), list(masks or []), list(out), k,
+                                              float(fraction), backend)
+    n, k, thr, nonfinite = r.tolist()
+    return Threshold(int(n), int(k), thr, int(nonfinite))
 
 
 def magnitude_threshold(weights: Sequence[torch.Tensor],
@@ -146,7 +190,6 @@ def magnitude_threshold(weights: Sequence[torch.Tensor],
         if not (0.0 <= fraction < 1.0):
             raise ValueError(f"magnitude_threshold: argument 'fraction': expected a number in "
                              f"[0, 1), got {fraction}")
-        k = -1
     device = weights[0].device if weights else torch.device("cpu")
     if any(w.device != device for w in weights):
         raise ValueError("magnitude_threshold: argument 'weights': all tensors must be on one "
@@ -172,8 +215,10 @@ def magnitude_threshold(weights: Sequence[torch.Tensor],
             raise ValueError("magnitude_threshold: argument 'out': expected contiguous bool "
                              "tensors shaped like 'weights' on their device")
     weights = [w.detach().contiguous() for w in weights]
-    impl = resolve("magnitude_threshold", backend, device)
-    n, k, threshold, nonfinite = impl(weights, masks, out, k, fraction)
+    if not weights:
+        return Selection(out, 0, 0, float("-inf")) if not k else _too_many(k)
+    run = call_op if torch.compiler.is_compiling() else _run
+    n, k, threshold, nonfinite = run(weights, masks, out, k, fraction, backend)
     if nonfinite:
         bad = next(i for i, w in enumerate(weights)
                    if not bool(torch.isfinite(w if masks is None else w[masks[i]]).all()))
@@ -182,3 +227,8 @@ def magnitude_threshold(weights: Sequence[torch.Tensor],
     if math.isnan(threshold):  # pragma: no cover - a backend bug
         raise RuntimeError("magnitude_threshold: backend returned no threshold")
     return Selection(out, n, k, threshold)
+
+
+def _too_many(k: int):
+    raise ValueError(f"magnitude_threshold: argument 'k': expected 0 <= k <= n=0 (the unmasked "
+                     f"weights), got {k}")

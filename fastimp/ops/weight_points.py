@@ -8,12 +8,17 @@ With directions u_j = w_j - w_0 between solutions, clamping the coefficients of 
 coordinates to [0, 1] keeps them inside the convex hull of the solutions and projects them onto its
 nearest boundary outside it, while the prunable ones are extrapolated (paper, Appendix B).
 Sums run over j in order with accumulation in the output dtype (float32 or float64).
+
+Backends take ``impl(origin, directions, coeffs, clip, lo, hi, out) -> None`` and write the
+preallocated ``out``. Under ``torch.compile`` the op is the custom op
+``torch.ops.fastimp.weight_points_``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fastimp import _ext
 from fastimp._backend import register_op, resolve
@@ -21,34 +26,52 @@ from fastimp._backend import register_op, resolve
 DTYPES = (torch.float32, torch.float64)
 
 
-def reference(origin, directions, coeffs, clip, lo, hi, out):
+def reference(origin, directions, coeffs, clip, lo, hi, out) -> None:
     """Pure-PyTorch reference (the spec)."""
     K, J = coeffs.shape
     out.copy_(origin.expand(K, -1))
     if J == 0 or K == 0:
-        return out
+        return
     cc = torch.minimum(torch.maximum(coeffs, lo), hi)  # [K, J] clamped
     clipf = clip.to(out.dtype)  # [D]
     for j in range(J):
         c = coeffs[:, j:j + 1] + (cc[:, j:j + 1] - coeffs[:, j:j + 1]) * clipf  # [K, D]
         out.addcmul_(c, directions[j].expand(K, -1))
-    return out
 
 
-def _cpu(origin, directions, coeffs, clip, lo, hi, out):
+def _cpu(origin, directions, coeffs, clip, lo, hi, out) -> None:
     _ext._C.weight_points_cpu(origin, directions, coeffs, clip, lo, hi, out)
-    return out
 
 
-def _triton(origin, directions, coeffs, clip, lo, hi, out):
+def _triton(origin, directions, coeffs, clip, lo, hi, out) -> None:
     from fastimp.kernels.weight_points import weight_points_triton
     weight_points_triton(origin, directions, coeffs, clip, lo, hi, out)
-    return out
 
 
 register_op("weight_points", {"torch": reference, "cpu": _cpu, "triton": _triton},
             auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
             ext_symbols={"cpu": "weight_points_cpu"})
+
+
+def _run(origin, directions, coeffs, clip, lo, hi, out, backend) -> None:
+    resolve("weight_points", backend, origin.device)(origin, directions, coeffs, clip, lo, hi, out)
+
+
+@torch.library.custom_op("fastimp::weight_points_", mutates_args=("out",))
+def _weight_points_op(origin: Tensor, directions: Tensor, coeffs: Tensor, clip: Tensor,
+                      lo: Tensor, hi: Tensor, out: Tensor, backend: str) -> None:
+    """The op as a torch custom op (writes ``out``)."""
+    _run(origin, directions, coeffs, clip, lo, hi, out, backend)
+
+
+@_weight_points_op.register_fake
+def _(origin, directions, coeffs, clip, lo, hi, out, backend):
+    return None
+
+
+def call_op(origin, directions, coeffs, clip, lo, hi, out, backend) -> None:
+    """The op through ``torch.ops.fastimp.weight_points_`` (what ``torch.compile`` traces)."""
+    torch.ops.fastimp.weight_points_(origin, directions, coeffs, clip, lo, hi, out, backend)
 
 
 def _check(origin, directions, coeffs, clip, lo, hi, out):
@@ -107,6 +130,7 @@ def weight_points(origin: torch.Tensor, directions: torch.Tensor, coeffs: torch.
         return out
     if bool(torch.any(lo > hi)):
         raise ValueError("lo, hi: expected lo[j] <= hi[j] for every direction")
-    fn = resolve("weight_points", backend, origin.device)
-    return fn(origin.contiguous(), directions.contiguous(), coeffs.contiguous(), clip.contiguous(),
-              lo.contiguous(), hi.contiguous(), out)
+    run = call_op if torch.compiler.is_compiling() else _run
+    run(origin.contiguous(), directions.contiguous(), coeffs.contiguous(), clip.contiguous(),
+        lo.contiguous(), hi.contiguous(), out, backend)
+    return out

@@ -1,0 +1,61 @@
+// Argument checks shared by every compiled op, host code of .cpp and .cu files alike (ATen only,
+// no pybind11, so nvcc can include it). Errors are ValueErrors naming the argument:
+//   fastimp: argument 'grads': expected tensor 3 with the dtype of its param (float32), got ...
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <string>
+
+#define FASTIMP_CHECK_ARG(cond, name, ...) \
+  TORCH_CHECK_VALUE(cond, "fastimp: argument '", name, "': expected ", __VA_ARGS__)
+
+namespace fastimp {
+namespace check {
+
+inline std::string entry(size_t i) { return "tensor " + std::to_string(i); }
+
+inline std::string describe(const at::Tensor& t) {
+  return std::string(c10::toString(t.scalar_type())) + " " + c10::str(t.sizes()) + " on " +
+         t.device().str();
+}
+
+// Same elements in the same memory order as p: equal strides, or both contiguous (size-1 dims
+// may carry any stride).
+inline bool same_layout(const at::Tensor& t, const at::Tensor& p) {
+  return t.sizes() == p.sizes() &&
+         (t.strides() == p.strides() || (t.is_contiguous() && p.is_contiguous()));
+}
+
+// t (entry i of argument `name`) has p's device, shape and memory layout, and p's dtype.
+inline void like_param(const at::Tensor& t, const at::Tensor& p, const char* name, size_t i) {
+  FASTIMP_CHECK_ARG(t.device() == p.device() && t.scalar_type() == p.scalar_type() &&
+                        same_layout(t, p),
+                    name, entry(i), " with the dtype, device, shape and strides of its param (",
+                    describe(p), "), got ", describe(t));
+}
+
+// A mask: bool or uint8, laid out like p on p's device.
+inline void mask_like_param(const at::Tensor& m, const at::Tensor& p, const char* name,
+                            size_t i) {
+  FASTIMP_CHECK_ARG(m.device() == p.device() &&
+                        (m.scalar_type() == at::kBool || m.scalar_type() == at::kByte) &&
+                        same_layout(m, p),
+                    name, entry(i), " of dtype bool or uint8 with the device, shape and strides "
+                    "of its param (", describe(p), "), got ", describe(m));
+}
+
+inline bool is_float_kind(at::ScalarType st) {
+  return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble;
+}
+
+// A 0-dim (or one-element) float32/float64 tensor on `device`: a learning rate read on the device.
+inline void device_scalar(const at::Tensor& t, const at::Device& device, const char* name) {
+  FASTIMP_CHECK_ARG(t.numel() == 1 && (t.scalar_type() == at::kFloat ||
+                                       t.scalar_type() == at::kDouble) && t.device() == device,
+                    name, "a one-element float32 or float64 tensor on ", device.str(), ", got ",
+                    describe(t));
+}
+
+}  // namespace check
+}  // namespace fastimp
