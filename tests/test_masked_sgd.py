@@ -1,5 +1,7 @@
-"""The masked SGD op: every backend against a float64 reference, one step at a time, on odd sizes,
-every dtype and option, with new momentum buffers poisoned (NaN) before the kernel writes them."""
+"""The masked SGD op: every backend against a float64 reference, one step at a time, on odd sizes
+(0, 1, the Triton block - 1, block, block + 1), misaligned views, every dtype and option, with new
+momentum buffers poisoned (NaN) before the kernel writes them; input checks, lr as a tensor, the
+cached device tables."""
 import itertools
 import math
 
@@ -9,9 +11,11 @@ import torch
 from fastimp import _backend
 from fastimp.ops import masked_sgd as ms
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Relative tolerance per dtype: fp32 within 1e-6; low precision: a couple of ulps of one rounding.
-TOL = {torch.float32: 1e-6, torch.bfloat16: 2 * 2.0 ** -8, torch.float16: 2 * 2.0 ** -11}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Relative tolerance per dtype: fp32 within 1e-6, fp64 within 1e-13; low precision: a couple of
+# ulps of one rounding.
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2 * 2.0 ** -8, torch.float16: 2 * 2.0 ** -11,
+       torch.float64: 1e-13}
 
 OPTIONS = [
     dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, decoupled=False),
@@ -29,9 +33,14 @@ def available(device="cpu"):
 
 
 def sizes_for(backend):
-    # 0, 1, odd, not a multiple of any block; the C++ kernel also gets several of its chunks.
+    # 0, 1, odd, not a multiple of any block; the C++ kernel also gets several of its chunks,
+    # the Triton kernel (block 128 under the interpreter) block - 1, block, block + 1.
     base = [(0,), (1,), (3, 5), (131,), (2, 3, 7)]
-    return base + ([(16384 * 2 + 3,), (64, 3, 3, 3)] if backend in ("cpu", "cuda") else [(300,)])
+    if backend in ("cpu", "cuda"):
+        return base + [(16384 * 2 + 3,), (64, 3, 3, 3)]
+    if backend == "triton":
+        return base + [(127,), (128,), (129,), (300,)]
+    return base + [(300,)]
 
 
 def ref64(p, g, b, m, first, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
@@ -147,16 +156,52 @@ def test_entry_point_rejects_bad_lists_and_dtypes():
         ms.masked_sgd_([torch.zeros(2)], [], lr=0.1)
     with pytest.raises(ValueError, match="masks"):
         ms.masked_sgd_([torch.zeros(2)], [torch.zeros(2)], None, [None, None], lr=0.1)
-    with pytest.raises(TypeError, match="float32"):
-        ms.masked_sgd_([torch.zeros(2, dtype=torch.float64)], [torch.zeros(2, dtype=torch.float64)],
-                       lr=0.1)
+    for dt in (torch.int32, torch.complex64):
+        with pytest.raises(TypeError, match="params.*float64"):
+            ms.masked_sgd_([torch.zeros(2, dtype=dt)], [torch.zeros(2, dtype=dt)], lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        ms.masked_sgd_([torch.zeros(2)], [torch.zeros(2)], lr=torch.ones(2))
+
+
+def bad_inputs():
+    """(name, params, grads, bufs, masks, the argument the error must name)."""
+    p = torch.randn(10)
+    cases = [
+        ("bf16 grad for an fp32 param", [p], [torch.randn(10).bfloat16()], [torch.zeros(10)],
+         [None], "grads"),
+        ("grad shorter than its param", [p], [torch.randn(9)], [torch.zeros(10)], [None],
+         "grads"),
+        ("grad on another device", [p], [torch.empty(10, device="meta")], [torch.zeros(10)],
+         [None], "grads"),
+        ("buffer of another shape", [p], [torch.randn(10)], [torch.zeros(5, 2)], [None],
+         "bufs"),
+        ("buffer of another dtype", [p], [torch.randn(10)], [torch.zeros(10).double()], [None],
+         "bufs"),
+        ("float mask", [p], [torch.randn(10)], [torch.zeros(10)], [torch.ones(10)], "masks"),
+        ("mask shorter than its param", [p], [torch.randn(10)], [torch.zeros(10)],
+         [torch.ones(9, dtype=torch.bool)], "masks"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(bad_inputs())),
+                         ids=[c[0] for c in bad_inputs()])
+@pytest.mark.parametrize("backend", available())
+def test_every_backend_checks_its_inputs(backend, case):
+    name, params, grads, bufs, masks, arg = bad_inputs()[case]
+    before = params[0].clone()
+    impl = _backend.resolve("masked_sgd", backend, "cpu")
+    with pytest.raises(ValueError, match=arg):
+        impl(params, grads, bufs, masks, [False], lr=0.1, momentum=0.9, dampening=0.0,
+             weight_decay=0.0, nesterov=False, maximize=False, decoupled=False)
+    assert torch.equal(params[0], before), f"{name}: the param was written"
 
 
 @pytest.mark.skipif(not _backend.status("masked_sgd", "cpu", "cpu"), reason="no compiled cpu backend")
 def test_cpu_kernel_checks_its_arguments():
     from fastimp import _ext
     p, g = torch.zeros(4), torch.zeros(4)
-    args = (0.1, 0.9, 0.0, 0.0, False, False, False)
+    args = (0.1, None, 0.9, 0.0, 0.0, False, False, False)
     with pytest.raises(ValueError, match="bufs"):
         _ext._C.masked_sgd_cpu([p], [g], [None], [None], [False], *args)
     with pytest.raises(ValueError, match="grads"):
@@ -214,3 +259,140 @@ def test_size_one_dims_may_carry_any_stride(backend):
     bufs = ms.masked_sgd_([p], [g], None, [m], backend=backend, **kw)
     assert_close_scaled(p, pe, torch.float32, "param")
     assert_close_scaled(bufs[0], be, torch.float32, "buf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("backend", available())
+def test_misaligned_views(backend, dtype):
+    """Params, grads, buffers and masks that start 1 element into their storage (not 16-byte
+    aligned: the Triton kernel's unaligned variant)."""
+    kw = dict(OPTIONS[2], lr=0.05)
+    gen = torch.Generator().manual_seed(17)
+    n = 200
+    base = [torch.randn(n + 1, generator=gen).to(dtype) for _ in range(3)]
+    p, g, b = (t[1:] for t in base)
+    m = (torch.rand(n + 1, generator=gen) > 0.3)[1:]
+    assert p.data_ptr() % 16 != 0
+    pe, be = ref64(p, g, b, m, False, **kw)
+    before = base[0][0].item()
+    _backend.resolve("masked_sgd", backend, "cpu")([p], [g], [b], [m], [False], **kw)
+    assert_close_scaled(p, pe, dtype, "param")
+    assert_close_scaled(b, be, dtype, "buf")
+    assert base[0][0].item() == before  # the element before the view is not written
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", available())
+def test_lr_tensor_gives_the_float_result(backend, lr_dtype):
+    """A one-element lr tensor (read on the device by the triton and cuda kernels) gives the
+    result of the same number passed as a float, bit for bit."""
+    gen = torch.Generator().manual_seed(8)
+    lr_t = torch.tensor(0.0625, dtype=lr_dtype)  # exact in both dtypes
+    for dtype in (torch.float32, torch.float64):
+        case = make_case([(5,), (131,), (1,)], dtype, 0.9, gen)
+        twin = [[None if t is None else t.clone() for t in xs] for xs in case[:4]]
+        kw = dict(OPTIONS[4])
+        impl = _backend.resolve("masked_sgd", backend, "cpu")
+        impl(*case, lr=0.0625, **kw)
+        impl(*twin, case[4], lr=lr_t, **kw)
+        for a, b in zip(case[0] + case[2], twin[0] + twin[2]):
+            assert torch.equal(a, b)
+
+
+def test_device_tables_are_cached_and_rebuilt_when_tensors_change():
+    if not _backend.status("masked_sgd", "triton", "cpu"):
+        pytest.skip("no Triton")
+    gen = torch.Generator().manual_seed(12)
+    params = [torch.randn(s, generator=gen) for s in [(7,), (130,)]]
+    masks = [torch.rand(p.shape, generator=gen) > 0.5 for p in params]
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ref = [p.clone() for p in params]
+    start = ms.TABLES.builds
+
+    def step(grads, masks, bufs, rbufs):
+        bufs = ms.masked_sgd_(params, grads, bufs, masks, backend="triton", **kw)
+        rbufs = ms.masked_sgd_(ref, [g.clone() for g in grads], rbufs, masks, backend="torch",
+                               **kw)
+        for a, r in zip(params + bufs, ref + rbufs):
+            assert torch.allclose(a, r, rtol=1e-6, atol=1e-7)
+        return bufs, rbufs
+
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    bufs, rbufs = step(grads, masks, None, None)  # new buffers (init): one table
+    for _ in range(3):  # the same tensors (buffers now old): the same table, reused
+        bufs, rbufs = step(grads, masks, bufs, rbufs)
+    assert ms.TABLES.builds - start == 1
+    grads = [torch.randn(p.shape, generator=gen) for p in params]  # new grad tensors
+    bufs, rbufs = step(grads, masks, bufs, rbufs)
+    assert ms.TABLES.builds - start == 2
+    masks = [masks[0], ~masks[1]]  # a new mask tensor
+    bufs, rbufs = step(grads, masks, bufs, rbufs)
+    assert ms.TABLES.builds - start == 3
+    bufs, rbufs = step(grads, [None, masks[1]], bufs, rbufs)  # a mask removed
+    assert ms.TABLES.builds - start == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_after_warm_up(backend):
+    """One eager step builds the tables; the captured step replays with the lr tensor updated in
+    place between replays, and matches eager steps of the reference."""
+    if not _backend.status("masked_sgd", backend, "cuda"):
+        pytest.skip(f"{backend} unavailable")
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(3, 5), (40000,), (1,)]
+    params = [torch.randn(s, generator=gen).cuda() for s in sizes]
+    grads = [torch.randn(s, generator=gen).cuda() for s in sizes]
+    masks = [(torch.rand(s, generator=gen) > 0.3).cuda() for s in sizes]
+    ref = [p.clone() for p in params]
+    lr = torch.tensor(0.1, device="cuda")
+    kw = dict(momentum=0.9, weight_decay=1e-3, nesterov=True)
+    bufs = ms.masked_sgd_(params, grads, None, masks, lr=lr, backend=backend, **kw)
+    rbufs = ms.masked_sgd_(ref, grads, None, masks, lr=0.1, backend="torch", **kw)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ms.masked_sgd_(params, grads, bufs, masks, lr=lr, backend=backend, **kw)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    ms.masked_sgd_(ref, grads, rbufs, masks, lr=0.1, backend="torch", **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ms.masked_sgd_(params, grads, bufs, masks, lr=lr, backend=backend, **kw)
+    for value in (0.05, 0.025):
+        lr.fill_(value)
+        graph.replay()
+        ms.masked_sgd_(ref, grads, rbufs, masks, lr=value, backend="torch", **kw)
+    torch.cuda.synchronize()
+    for a, r in zip(params + bufs, ref + rbufs):
+        assert torch.allclose(a, r, rtol=1e-6, atol=1e-6)
+    # new tensors during capture: a clear error instead of a host-to-device copy
+    other = [g.clone() for g in grads]
+    with pytest.raises(RuntimeError, match="before CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ms.masked_sgd_(params, other, bufs, masks, lr=lr, backend=backend, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_pow_31_elements(backend):
+    """One fp16 tensor of 2^31 + 5 elements (about 13 GiB with its grad, buffer and mask),
+    checked on samples against the reference."""
+    if not _backend.status("masked_sgd", backend, "cuda"):
+        pytest.skip(f"{backend} unavailable")
+    n = 2 ** 31 + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * 2 + n + 4 * 2 ** 30:
+        pytest.skip("not enough GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.randn(n, device="cuda", dtype=torch.float16, generator=gen)
+    g = torch.randn(n, device="cuda", dtype=torch.float16, generator=gen)
+    b = torch.randn(n, device="cuda", dtype=torch.float16, generator=gen)
+    m = torch.rand(n, device="cuda", generator=gen) > 0.5
+    idx = torch.cat([torch.arange(0, 1000), torch.arange(2 ** 31 - 1000, n),
+                     torch.randint(0, n, (10000,), generator=torch.Generator().manual_seed(1))])
+    idx = idx.cuda()
+    kw = dict(OPTIONS[1], lr=0.05)
+    pe, be = ref64(p[idx].cpu(), g[idx].cpu(), b[idx].cpu(), m[idx].cpu(), False, **kw)
+    _backend.resolve("masked_sgd", backend, "cuda")([p], [g], [b], [m], [False], **kw)
+    assert_close_scaled(p[idx].cpu(), pe, torch.float16, "param")
+    assert_close_scaled(b[idx].cpu(), be, torch.float16, "buf")

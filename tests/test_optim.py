@@ -21,8 +21,8 @@ CONFIGS = {
 }
 
 
-def _params(sizes, gen):
-    return [torch.randn(s, generator=gen) for s in sizes]
+def _params(sizes, gen, dtype=torch.float32):
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in sizes]
 
 
 def _reference_step(sgd, params, masks, decoupled_wd, lr):
@@ -44,9 +44,9 @@ def _reference_step(sgd, params, masks, decoupled_wd, lr):
 
 
 def run_pair(config, backend, sizes, steps, seed=0, mask_dtype=torch.bool, drop_grads=True,
-             device="cpu"):
+             device="cpu", dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    init = [t.to(device) for t in _params(sizes, gen)]
+    init = [t.to(device) for t in _params(sizes, gen, dtype)]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     raw = {i: (torch.rand(s, generator=gen) > 0.35).to(device) for i, s in enumerate(sizes)
@@ -62,7 +62,7 @@ def run_pair(config, backend, sizes, steps, seed=0, mask_dtype=torch.bool, drop_
     sgd = torch.optim.SGD(theirs, lr=lr, foreach=False, **cfg)
     for step in range(steps):
         for i, s in enumerate(sizes):
-            g = torch.randn(s, generator=gen).to(device)
+            g = torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype)
             # some params get no grad on some steps (their buffers must stay untouched)
             skip = drop_grads and (i + step) % 5 == 0
             ours[i].grad = None if skip else g.clone()
@@ -100,6 +100,45 @@ def test_trajectory_equals_torch_sgd_then_mask(backend, config):
         buf = opt.state[p].get("momentum_buffer")
         if buf is not None:
             assert bool((buf[~m] == 0).all())
+
+
+@pytest.mark.parametrize("config", ["momentum-wd", "dampening-maximize", "decoupled"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_trajectory_equals_torch_sgd(backend, config):
+    """float64 params (issue 12): computed in float64, as torch.optim.SGD does."""
+    sizes = [(1,), (3, 5), (37,), (2, 70)] + ([(16384 * 2 + 5,)] if backend == "cpu" else [])
+    steps = 30
+    opt, sgd, ours, theirs = run_pair(CONFIGS[config], backend, sizes, steps,
+                                      dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in ours)
+    assert_trajectory_close(opt, sgd, ours, theirs, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_tensor_with_a_scheduler_matches_float_lr(backend):
+    """lr as a 0-dim tensor (updated in place by the scheduler) gives torch.optim.SGD's result."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(130, generator=gen)
+    m = torch.rand(130, generator=gen) > 0.5
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    lr = torch.tensor(0.1, dtype=torch.float64)  # the scheduler's values exactly
+    ours = MaskedSGD([a], lr=lr, momentum=0.9, masks={a: m}, backend=backend)
+    sgd = torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    s1 = torch.optim.lr_scheduler.StepLR(ours, step_size=3, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(sgd, step_size=3, gamma=0.5)
+    for _ in range(8):
+        g = torch.randn(130, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        sgd.step()
+        with torch.no_grad():
+            b.mul_(m)
+            sgd.state[b]["momentum_buffer"].mul_(m)
+        s1.step()
+        s2.step()
+    assert isinstance(ours.param_groups[0]["lr"], torch.Tensor)
+    assert float(ours.param_groups[0]["lr"]) == sgd.param_groups[0]["lr"]
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.gpu
@@ -402,7 +441,7 @@ def test_bad_masks():
         MaskedSGD([p], lr=0.1, masks={"weight": torch.ones(2, 3)})
 
 
-def test_sparse_and_complex_rejected():
+def test_sparse_complex_and_integer_rejected_float64_accepted():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = MaskedSGD(emb.parameters(), lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -410,6 +449,10 @@ def test_sparse_and_complex_rejected():
         opt.step()
     with pytest.raises(TypeError, match="complex"):
         MaskedSGD([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], lr=0.1)
+    with pytest.raises(TypeError, match="float64"):
+        MaskedSGD([torch.nn.Parameter(torch.ones(3, dtype=torch.int32), requires_grad=False)],
+                  lr=0.1)
+    MaskedSGD([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=0.1)
     p = torch.nn.Parameter(torch.randn(3))
     opt = MaskedSGD([p], lr=0.1)
     if hasattr(p, "grad_dtype"):

@@ -78,6 +78,27 @@ def _write_kernel(segs, chunks, thr, t_rem, eq_before, RANKED: tl.constexpr,
     tl.store(o_ptr + offs, keep.to(tl.uint8), mask=valid)
 
 
+GPU_BLOCK = 1024  # elements per program on a GPU (num_warps: Triton's default, 4)
+
+
+def variants():
+    """Every compiled variant a GPU launch can take: (name, kernel, signature, constexprs,
+    16-byte aligned pointer args, num_warps)."""
+    tabs = {"segs": "*i64", "chunks": "*i64"}
+    aligned = ("segs", "chunks", "hist", "eq", "eq_before")
+    for sem in ("relaxed", "acq_rel"):
+        for second in (False, True):
+            yield (f"threshold histogram pass {2 if second else 1} ({sem})", _histogram_kernel,
+                   {**tabs, "hist": "*i32", "hi": "i32"},
+                   dict(SECOND=second, BLOCK=GPU_BLOCK, SEM=sem), aligned, 4)
+    yield ("threshold count ties", _count_equal_kernel, {**tabs, "thr": "i32", "eq": "*i64"},
+           dict(BLOCK=GPU_BLOCK), aligned, 4)
+    for ranked in (False, True):
+        yield (f"threshold write masks{' (ranked ties)' if ranked else ''}", _write_kernel,
+               {**tabs, "thr": "i32", "t_rem": "i32", "eq_before": "*i64"},
+               dict(RANKED=ranked, BLOCK=GPU_BLOCK), aligned, 4)
+
+
 def _select_bin(hist: torch.Tensor, k: int) -> Tuple[int, int]:
     """First bin b with cumsum[b] >= k (k >= 1), and k minus the count below b."""
     cum = torch.cumsum(hist, 0)
@@ -97,7 +118,7 @@ def magnitude_threshold_triton(weights: Sequence[torch.Tensor],
     device = weights[0].device
     if device.type == "cuda":
         with torch.cuda.device(device):
-            return _select(weights, masks, out, k, fraction, block or 1024, sem)
+            return _select(weights, masks, out, k, fraction, block or GPU_BLOCK, sem)
     return _select(weights, masks, out, k, fraction, block or 128, sem)
 
 

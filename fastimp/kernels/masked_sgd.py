@@ -126,7 +126,7 @@ def masked_sgd_kernel(tensors, chunks, lr_addr: tl.int64, lr: tl.float64, moment
 @dataclass(frozen=True)
 class Table:
     """A group's device table (see the module docstring) and what a launch needs to know."""
-    table: torch.Tensor  # int64 [FIELDS * n_tensors + 2 * n_chunks] on the group's device
+    table: torch.Tensor  # int64 [FIELDS * n_tensors (+1 pad to 16 B) + 2 * n_chunks] on the device
     n_tensors: int
     n_chunks: int
     aligned: bool
@@ -155,6 +155,7 @@ def build_table(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     first = torch.cumsum(counts, 0) - counts
     start = (torch.arange(idx.numel(), dtype=torch.int64) - first[idx]) * block
+    rows += [0] * (len(rows) % 2)  # the chunk table starts 16-byte aligned, like the table
     host = torch.cat([torch.tensor(rows, dtype=torch.int64), torch.stack([idx, start], 1).reshape(-1)])
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
@@ -165,7 +166,7 @@ def build_table(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         table = host.pin_memory().to(device, non_blocking=True)
     else:
         table = host.to(device)
-    aligned = all(a % 16 == 0 for k, a in enumerate(rows) if k % FIELDS < 4)
+    aligned = all(a % 16 == 0 for k, a in enumerate(rows[:FIELDS * len(numels)]) if k % FIELDS < 4)
     return Table(table, len(numels), int(idx.numel()), aligned, block, warps)
 
 
@@ -179,7 +180,7 @@ def _f64(x: float):
     return tl.tensor(TensorHandle(np.array([x], dtype=np.float64), tl.float64), tl.float64)
 
 
-def _f64_or_lr_kind(lr_tensor: Optional[torch.Tensor]) -> int:
+def _lr_kind(lr_tensor: Optional[torch.Tensor]) -> int:
     if lr_tensor is None:
         return 0
     return 1 if lr_tensor.dtype == torch.float32 else 2
@@ -193,14 +194,37 @@ def launch(table: Table, dtype: torch.dtype, *, init: bool, lr: float,
         return
     wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
     flags = (wd_mode | (int(bool(nesterov)) << 2) | (int(bool(maximize)) << 3)
-             | (int(bool(init)) << 4) | (_f64_or_lr_kind(lr_tensor) << 5))
+             | (int(bool(init)) << 4) | (_lr_kind(lr_tensor) << 5))
     lr_addr = lr_tensor.data_ptr() if lr_tensor is not None else 0
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
     tensors = table.table
-    chunks = tensors[FIELDS * table.n_tensors:]
+    chunks = tensors[tensors.numel() - 2 * table.n_chunks:]
     extra = {"num_warps": table.num_warps} if tensors.device.type == "cuda" else {}
     masked_sgd_kernel[(table.n_chunks,)](
         tensors, chunks, lr_addr, _f64(lr), _f64(momentum), _f64(dampening),
-        _f64(weight_decay), flags, DTYPE=TL_DTYPES[dtype], ACC=acc, HAS_MOM=momentum != 0,
-        ALIGNED=table.aligned, BLOCK=table.block, **extra)
+        _f64(weight_decay), flags, **constexprs(dtype, momentum != 0, table.aligned, table.block),
+        **extra)
+
+
+def constexprs(dtype: torch.dtype, has_mom: bool, aligned: bool, block: int) -> dict:
+    """The compile-time arguments of one launch (also what :func:`variants` enumerates)."""
+    return dict(DTYPE=TL_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                HAS_MOM=bool(has_mom), ALIGNED=bool(aligned), BLOCK=block)
+
+
+SIGNATURE = {"tensors": "*i64", "chunks": "*i64", "lr_addr": "i64", "lr": "fp64",
+             "momentum": "fp64", "dampening": "fp64", "weight_decay": "fp64", "flags": "i32"}
+
+
+def variants(config=None):
+    """Every compiled variant a GPU launch can take: (name, kernel, signature, constexprs,
+    16-byte aligned pointer args, num_warps). ``config``: (BLOCK, num_warps), default GPU_CONFIG."""
+    block, warps = config or GPU_CONFIG
+    for dtype in TL_DTYPES:
+        for has_mom in (False, True):
+            for aligned in (True, False):
+                name = (f"masked_sgd {str(dtype).replace('torch.', '')} "
+                        f"{'momentum' if has_mom else 'no momentum'}"
+                        f"{'' if aligned else ' unaligned'}")
+                yield (name, masked_sgd_kernel, SIGNATURE,
+                       constexprs(dtype, has_mom, aligned, block), ("tensors", "chunks"), warps)
 

@@ -9,9 +9,10 @@ import triton
 import triton.language as tl
 
 MAX_GRID_Y = 65535
+GPU_BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D", "J"])
 def weight_points_kernel(origin_ptr, dir_ptr, coef_ptr, clip_ptr, lo_ptr, hi_ptr, out_ptr,
                          D, J, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -34,7 +35,23 @@ def grid(K: int, D: int, block: int, max_k: int = MAX_GRID_Y):
             for k0 in range(0, K, max_k)]
 
 
-def weight_points_triton(origin, directions, coeffs, clip, lo, hi, out, block: int = 1024,
+def variants():
+    """Every compiled variant a GPU launch can take: (name, kernel, signature, constexprs,
+    16-byte aligned pointer args, num_warps). A launch over points k0 > 0 (K > 65,535) passes
+    row slices of coeffs and out, which need not be 16-byte aligned; D >= 2^31 is int64."""
+    for dt in ("fp32", "fp64"):
+        for d_type in ("i32", "i64"):
+            for sliced in (False, True):
+                sig = {"origin_ptr": f"*{dt}", "dir_ptr": f"*{dt}", "coef_ptr": f"*{dt}",
+                       "clip_ptr": "*u8", "lo_ptr": f"*{dt}", "hi_ptr": f"*{dt}",
+                       "out_ptr": f"*{dt}", "D": d_type, "J": "i32"}
+                aligned = tuple(k for k in sig if k.endswith("_ptr")
+                                and not (sliced and k in ("coef_ptr", "out_ptr")))
+                yield (f"weight_points {dt} D {d_type}{' sliced' if sliced else ''}",
+                       weight_points_kernel, sig, dict(BLOCK=GPU_BLOCK), aligned, 4)
+
+
+def weight_points_triton(origin, directions, coeffs, clip, lo, hi, out, block: int = GPU_BLOCK,
                          max_k: int = MAX_GRID_Y) -> None:
     K, J = coeffs.shape
     D = origin.numel()
