@@ -5,12 +5,17 @@ Settings of the paper's CIFAR runs (momentum 0.9, weight decay 5e-4, fp32); ever
 linear weight masked (bool, ~20 % pruned), the rest plain SGD. Traffic floor: read p, g, buf
 (+ 1 B mask where masked), write p, buf = 21 B per masked param (20 B unmasked); GB/s is that
 floor over the measured time. Speedups are against the fastest baseline measured in the same run.
+On a GPU, also: each step's host time (launch cost seen by the CPU, no sync), the same steps
+replayed from a CUDA graph (lr as a device tensor), and :func:`bandwidth_table` (one large tensor
+against ``copy_``).
 """
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Callable, Dict, List, Tuple
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -87,11 +92,41 @@ def baselines(shapes, device) -> Dict[str, Callable[[], Callable[[], None]]]:
     return out
 
 
-def _candidate(shapes, device, backend):
+def _candidate(shapes, device, backend, lr_tensor=False):
     params, masks = _make(shapes, device)
-    opt = MaskedSGD(params, **HPARAMS, masks=masks, backend=backend)
+    hp = dict(HPARAMS)
+    if lr_tensor:
+        hp["lr"] = torch.tensor(hp["lr"], device=device)
+    opt = MaskedSGD(params, **hp, masks=masks, backend=backend)
     _warm_buffers(opt)
     return opt.step
+
+
+def capture(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph after warm-up steps on a side stream; returns replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def host_seconds(step: Callable[[], object], device, n: int = 30) -> float:
+    """Median CPU time of one call (what the host spends issuing it; the device is idle before
+    each call, so no launch waits for a full queue)."""
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    sync(device)
+    return statistics.median(times)
 
 
 def candidates(shapes, device) -> Dict[str, Callable[[], Callable[[], None]]]:
@@ -153,6 +188,69 @@ def _table(device: str, models, repeat: int, title: str) -> Table:
                 continue
             table.add(case, impl, t, baseline=best,
                       extra=f"{nbytes / t / 1e9:.1f} GB/s = {nbytes / t / copy_bw:.0%} of copy")
+        if torch.device(device).type == "cuda":
+            _gpu_rows(table, case, shapes, device, repeat, best, nbytes, copy_bw)
+    return table
+
+
+def _gpu_rows(table, case, shapes, device, repeat, best, nbytes, copy_bw) -> None:
+    """Host time per step, and steps replayed from a CUDA graph (best baseline vs MaskedSGD)."""
+    makers = {best: baselines(shapes, device)[best]}
+    for b in ("cuda", "triton"):
+        if _backend.status("masked_sgd", b, "cuda"):
+            makers[f"fastimp MaskedSGD ({b})"] = functools.partial(_candidate, shapes, device, b,
+                                                                   lr_tensor=True)
+    for impl, make in makers.items():
+        try:
+            step = make()
+            host = host_seconds(step, device)
+            table.add(case, f"{impl}: host time per step", host,
+                      extra="CPU time to issue one step, no sync")
+            replay = capture(step)
+            t = timeit(replay, device, repeat=repeat)
+        except Exception as exc:  # noqa: BLE001 - a row that says why
+            table.add(case, f"{impl}: CUDA graph replay", float("nan"),
+                      extra=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        table.add(case, f"{impl}: CUDA graph replay", t,
+                  baseline=None if impl == best else f"{best}: CUDA graph replay",
+                  extra=f"{nbytes / t / 1e9:.1f} GB/s = {nbytes / t / copy_bw:.0%} of copy")
+
+
+def bandwidth_table(device, numel: int, dtypes=(torch.float32, torch.bfloat16),
+                    repeat: int = 10, backends: Optional[List[str]] = None) -> Table:
+    """One tensor of ``numel`` elements (momentum, weight decay, bool mask): masked SGD moves
+    (5 x element size + 1) bytes per element; ``copy_`` of the param moves 2 x element size.
+    The share is the step's bytes/s over copy_'s."""
+    dev_type = torch.device(device).type
+    table = Table(f"masked SGD bandwidth at {numel:,} elements vs copy_ ({device})")
+    for dtype in dtypes:
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(numel, generator=gen).to(device, dtype)
+        g = torch.randn(numel, generator=gen).to(device, dtype)
+        b = torch.randn(numel, generator=gen).to(device, dtype)
+        m = (torch.rand(numel, generator=gen) > 0.2).to(device)
+        dst = torch.empty_like(p)
+        esize = p.element_size()
+        case = f"{str(dtype).replace('torch.', '')}, {numel:,} elements"
+        t_copy = timeit(lambda: dst.copy_(p), device, repeat=repeat)
+        copy_bw = 2 * esize * numel / t_copy
+        table.add(case, "copy_", t_copy, extra=f"{copy_bw / 1e9:.0f} GB/s")
+        step_bytes = (5 * esize + 1) * numel
+        names = backends or [x for x in ("cuda", "triton", "cpu")
+                             if _backend.status("masked_sgd", x, dev_type)
+                             and not (x == "triton" and dev_type == "cpu")]
+        from fastimp.ops.masked_sgd import masked_sgd_
+        lr = torch.tensor(1e-6, device=device)
+        for name in names:
+            def step():
+                masked_sgd_([p], [g], [b], [m], lr=lr, momentum=0.9, weight_decay=5e-4,
+                            backend=name)
+            sec = timeit(step, device, repeat=repeat)
+            bw = step_bytes / sec
+            table.add(case, f"masked_sgd_ ({name})", sec,
+                      extra=f"{bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy_")
+        del p, g, b, m, dst
     return table
 
 

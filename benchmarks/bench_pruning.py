@@ -23,8 +23,11 @@ FRACTION = 0.2
 
 
 def _model(name: str, device) -> nn.Module:
-    import torchvision
     torch.manual_seed(0)
+    if name == "tiny":  # the gpu_check dry run: seconds on a CPU
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Flatten(),
+                             nn.Linear(16, 10)).to(device)
+    import torchvision
     return getattr(torchvision.models, name)(weights=None).to(device)
 
 
@@ -61,13 +64,50 @@ def _cat_kthvalue(weights, masks):
     return [m & (w.abs() > v) for w, m in zip(weights, masks)]
 
 
-def tables(device, quick: bool) -> List[Table]:
+def histogram_table(device, numel: int, repeat: int = 10) -> Table:
+    """Atomic contention of the histogram pass: Gaussian weights (keys crowd a few hundred of the
+    65,536 bins) against uniform keys (random bit patterns spread over every finite bin); the
+    Triton pass with relaxed and with acq_rel atomics, and the whole threshold per backend."""
+    device = torch.device(device)
+    t = Table(f"magnitude threshold: histogram atomics, {numel:,} float32 weights, {device.type}")
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "Gaussian weights": torch.randn(numel, generator=g),
+        "uniform keys": torch.randint(0, 0x7F800000, (numel,), generator=g,
+                                      dtype=torch.int32).view(torch.float32),
+    }
+    dev_type = device.type
+    for dist, w in inputs.items():
+        w = w.to(device)
+        if _backend.status("magnitude_threshold", "triton", dev_type) and dev_type == "cuda":
+            from fastimp.kernels.magnitude_threshold import first_histogram
+            base = None
+            for sem in ("acq_rel", "relaxed"):
+                sec = timeit(lambda: first_histogram([w], sem=sem), device, repeat=repeat)
+                label = f"triton histogram pass 1 ({sem})"
+                t.add(dist, label, sec, baseline=base,
+                      extra=f"{numel * 4 / sec / 1e9:.0f} GB/s of weights")
+                base = base or label
+        for b in ("cuda", "triton", "cpu", "torch"):
+            if not _backend.status("magnitude_threshold", b, dev_type) or (
+                    b == "triton" and dev_type == "cpu"):
+                continue
+            out = [torch.empty_like(w, dtype=torch.bool)]
+            sec = timeit(lambda: _op.magnitude_threshold([w], None, fraction=FRACTION, out=out,
+                                                         backend=b),
+                         device, warmup=1, repeat=max(2, repeat // 3), min_time=0)
+            t.add(dist, f"whole threshold ({b})", sec)
+        del w
+    return t
+
+
+def tables(device, quick: bool, models=("resnet18", "resnet50")) -> List[Table]:
     device = torch.device(device)
     backend = _backend.resolve_name("magnitude_threshold", "auto", device)
     t = Table(f"Global magnitude pruning, {FRACTION:.0%} of the unmasked weights, {device.type} "
               f"(fastimp backend: {backend})")
     repeat = 3 if quick else 7
-    for name in ("resnet18", "resnet50"):
+    for name in models:
         dense = _model(name, device)
         n = sum(p.numel() for p in fastimp.prunable(dense).values())
         half = fastimp.prune_magnitude(dense, 0.5)  # a later level: half the weights pruned

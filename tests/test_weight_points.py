@@ -124,3 +124,54 @@ def test_cuda_matches_reference(backend):
     weight_points(origin.float().to(dev), U.float().to(dev), C.float().to(dev), clip=clip.to(dev),
                   lo=lo.float().to(dev), hi=hi.float().to(dev), out=out, backend=backend)
     assert torch.allclose(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_grid_puts_coordinate_blocks_on_axis_0():
+    """Axis 1 holds at most 65,535 programs: the 2^27 coordinates of a large model go on axis 0,
+    and more than 65,535 points are split over launches."""
+    from fastimp.kernels.weight_points import MAX_GRID_Y, grid
+    (k0, kn, g), = grid(7, 2 ** 27, 1024)
+    assert (k0, kn) == (0, 7) and g == (2 ** 17, 7)
+    launches = grid(2 * MAX_GRID_Y + 3, 10, 1024)
+    assert [(k0, kn) for k0, kn, _ in launches] == [(0, MAX_GRID_Y), (MAX_GRID_Y, MAX_GRID_Y),
+                                                    (2 * MAX_GRID_Y, 3)]
+    assert all(g[1] <= MAX_GRID_Y for _, _, g in launches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_points_split_over_launches(dtype):
+    """K points in launches of max_k (row slices of coeffs and out, not 16-byte aligned)."""
+    _available("triton")
+    from fastimp.kernels.weight_points import weight_points_triton
+    (origin, U, C, clip, lo, hi), _ = _case(7, 3, 50, dtype, seed=4)
+    expected = _ref64(origin, U, C, clip, lo, hi)
+    out = torch.full((7, 50), float("nan"), dtype=dtype)
+    weight_points_triton(origin.to(dtype), U.to(dtype), C.to(dtype), clip, lo.to(dtype),
+                         hi.to(dtype), out, block=32, max_k=3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+def test_cuda_large_slice_beyond_the_old_grid_limit(backend):
+    """D = 2^27 + 3 coordinates (above the 67.1 M limit of coordinate blocks on axis 1) and
+    K * D > 2^31 (64-bit offsets), checked on sampled coordinates."""
+    D, J, K = 2 ** 27 + 3, 2, 17
+    free, _ = torch.cuda.mem_get_info()
+    if free < (K + J + 2) * D * 4 + 2 * 2 ** 30:
+        pytest.skip("not enough GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    origin = torch.randn(D, device="cuda", generator=g)
+    U = torch.randn(J, D, device="cuda", generator=g)
+    C = torch.randn(K, J, device="cuda", generator=g)
+    clip = torch.rand(D, device="cuda", generator=g) < 0.3
+    lo, hi = torch.tensor([-0.5, 0.0], device="cuda"), torch.tensor([0.5, 1.0], device="cuda")
+    out = torch.full((K, D), float("nan"), device="cuda")
+    weight_points(origin, U, C, clip=clip, lo=lo, hi=hi, out=out, backend=backend)
+    idx = torch.cat([torch.arange(0, 100), torch.arange(D - 100, D),
+                     torch.randint(0, D, (1000,))]).cuda()
+    want = _ref64(origin[idx].double(), U[:, idx].double(), C.double(), clip[idx],
+                  lo.double(), hi.double())
+    assert torch.allclose(out[:, idx].double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.isnan(out[-1, -5:]).any()

@@ -122,7 +122,8 @@ def magnitude_threshold_triton(weights: Sequence[torch.Tensor],
     return _select(weights, masks, out, k, fraction, block or 128, sem)
 
 
-def _select(weights, masks, out, k, fraction, block, sem):
+def _tables(weights, masks, out, block):
+    """float32 views of the weights, the segment table and the chunk table."""
     device = weights[0].device
     total = sum(w.numel() for w in weights)
     if total >= 2 ** 31:
@@ -132,9 +133,26 @@ def _select(weights, masks, out, k, fraction, block, sem):
     rows: List[List[int]] = []
     for i, w in enumerate(w32):
         m_addr = masks[i].data_ptr() if masks is not None and w.numel() else 0
-        rows.append([w.data_ptr(), m_addr, out[i].data_ptr(), w.numel()])
+        o_addr = out[i].data_ptr() if out is not None else 0
+        rows.append([w.data_ptr(), m_addr, o_addr, w.numel()])
     segs = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(device)
-    chunks = chunk_table(tuple(w.numel() for w in w32), block, device)
+    return w32, segs, chunk_table(tuple(w.numel() for w in w32), block, device)
+
+
+def first_histogram(weights: Sequence[torch.Tensor], sem: str = "relaxed",
+                    block: int = GPU_BLOCK) -> torch.Tensor:
+    """Pass 1 alone (int32 [65536] counts of key >> 16), for benchmarks of the atomics."""
+    w32, segs, chunks = _tables(weights, None, None, block)
+    hist = torch.zeros(_BINS, dtype=torch.int32, device=weights[0].device)
+    if chunks.shape[0]:
+        _histogram_kernel[(chunks.shape[0],)](segs, chunks, hist, 0, SECOND=False, BLOCK=block,
+                                              SEM=sem)
+    return hist
+
+
+def _select(weights, masks, out, k, fraction, block, sem):
+    device = weights[0].device
+    w32, segs, chunks = _tables(weights, masks, out, block)
     nc = chunks.shape[0]
     grid = (nc,)
     hist = torch.zeros(_BINS, dtype=torch.int32, device=device)
