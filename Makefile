@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fastimp-installed
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 EXT_STAMP := build/.ext-built
 
-.PHONY: install build test test-fast demo bench clean backends
+.PHONY: install build test test-fast demo bench clean backends gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -46,6 +46,20 @@ bench: build
 
 backends: build
 	$(PY) -m fastimp backends
+
+# On a GPU machine (no network, its own python3 with torch/triton/nvcc): builds the extension for
+# the local card, checks every kernel, runs the gpu tests and times everything, within 8 minutes.
+# Writes $(GPU_OUT)/gpu_report.{json,md}. Carry .whl (make gpu-wheels) for mnist1d and PyHessian.
+GPU_PYTHON ?= python3
+GPU_OUT ?= gpu_out
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check --out $(GPU_OUT)
+
+# Where pip works: the pure-Python wheels the GPU machine lacks, for Python 3.12, into .whl/.
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_17_x86_64 --platform any -d .whl \
+	  mnist1d==0.0.2.post1 pyhessian==0.1
 
 clean:
 	rm -rf build fastimp/_C*.so *.egg-info

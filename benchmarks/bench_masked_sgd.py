@@ -28,7 +28,9 @@ HPARAMS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 def resnet_shapes(name: str) -> List[Tuple[Tuple[int, ...], bool]]:
     """(shape, prunable) of every parameter of ``torchvision.models.<name>()``, built without
-    weights on the meta device (no download, no init)."""
+    weights on the meta device (no download, no init); "tiny": a few small tensors (dry runs)."""
+    if name == "tiny":
+        return [((16, 3, 3, 3), True), ((16,), False), ((10, 64), True), ((10,), False)]
     import torchvision
     with torch.device("meta"):
         model = getattr(torchvision.models, name)(weights=None)
