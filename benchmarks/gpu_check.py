@@ -366,7 +366,7 @@ def run_step(step: Step, ctx: Ctx, timeout: float) -> Dict:
             res = recv.recv()
         except EOFError:
             res = None
-    proc.join(5)
+        proc.join(10)
     if proc.is_alive():
         proc.kill()
         proc.join()

@@ -222,6 +222,7 @@ class _Tables:
                     0 if b is None else b.data_ptr(), 0 if m is None else m.data_ptr())))
 
     def get(self, backend: str, build: Callable, params, grads, bufs, masks, momentum):
+        """(key, (table or None, fast indices, slow indices))."""
         key = self.key(backend, params, grads, bufs, masks)
         entry = self.pinned.get(key) or self.entries.get(key)
         capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
@@ -238,7 +239,11 @@ class _Tables:
             self.entries.move_to_end(key)
         if capturing:
             self.pinned[key] = entry
-        return entry
+        return key, entry
+
+    def pin(self, key, entry) -> None:
+        """Keep ``entry`` while a CUDA graph that reads it may replay."""
+        self.pinned[key] = entry
 
     def clear(self) -> None:
         """Forget every table (also those a captured graph may still read: drop the graph too)."""
@@ -258,30 +263,70 @@ def _by_init(init: Sequence[bool]) -> List[Tuple[bool, List[int]]]:
     return [(v, [i for i, x in enumerate(init) if bool(x) == v]) for v in (True, False)]
 
 
-def _device_backend(name: str, build: Callable, launch: Callable) -> Callable:
-    def impl(params, grads, bufs, masks, init, *, lr, momentum, dampening, weight_decay,
-             nesterov, maximize, decoupled):
-        if not params:
-            return
-        device, dtype = params[0].device, params[0].dtype
+def _hyper(momentum, dampening, weight_decay, nesterov, maximize, decoupled) -> Dict:
+    return dict(momentum=float(momentum), dampening=float(dampening),
+                weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                maximize=bool(maximize), decoupled=bool(decoupled))
+
+
+class _DeviceGroup:
+    """One (device, dtype) group of the ``cuda`` or ``triton`` backend, prepared: its tables
+    (from :data:`TABLES`) per init value; :meth:`run` only launches. It keeps no grads: a table
+    holds their addresses, which the caller has checked (the rare tensor laid out unlike its
+    param goes to the reference with the grads :meth:`run` is given)."""
+
+    def __init__(self, name, build, launch, params, grads, bufs, masks, init, momentum):
+        self.device, self.dtype = params[0].device, params[0].dtype
         for p in params:
-            if p.device != device or p.dtype != dtype:
+            if p.device != self.device or p.dtype != self.dtype:
                 raise ValueError(f"params: expected tensors of one device and dtype "
                                  f"({_describe(params[0])}), got {_describe(p)}")
-        lr_value, lr_tensor = lr_parts(lr, device)
-        kw = dict(momentum=float(momentum), dampening=float(dampening),
-                  weight_decay=float(weight_decay), nesterov=bool(nesterov),
-                  maximize=bool(maximize), decoupled=bool(decoupled))
+        self.launch = launch
+        self.parts = []  # (init, table key, table entry, slow: (indices, params, bufs, masks))
         for first, idx in _by_init(init):
             sub = (params, grads, bufs, masks) if len(idx) == len(init) else \
                 tuple(_pick(x, idx) for x in (params, grads, bufs, masks))
-            table, fast, slow = TABLES.get(name, build, *sub, momentum)
-            if slow:
-                reference(*(_pick(x, slow) for x in sub), [first] * len(slow), lr=lr_value
-                          if lr_tensor is None else lr_tensor, **kw)
-            if table is not None:
-                launch(table, device, dtype, first, lr_value, lr_tensor, kw)
+            key, entry = TABLES.get(name, build, *sub, momentum)
+            slow = None
+            if entry[2]:
+                slow = (_pick(idx, entry[2]),) + tuple(_pick(sub[k], entry[2]) for k in (0, 2, 3))
+            self.parts.append((first, key, entry, slow))
+        self.needs_grads = any(part[3] is not None for part in self.parts)
+
+    def run(self, lr: Lr, kw: Dict, grads: Optional[Sequence[Tensor]] = None) -> None:
+        lr_value, lr_tensor = lr_parts(lr, self.device)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        for first, key, entry, slow in self.parts:
+            if capturing:
+                TABLES.pin(key, entry)
+            if slow is not None:  # laid out unlike their params: the reference
+                idx, ps, bs, ms_ = slow
+                reference(ps, _pick(grads, idx), bs, ms_, [first] * len(idx),
+                          lr=lr_value if lr_tensor is None else lr_tensor, **kw)
+            if entry[0] is not None:
+                self.launch(entry[0], self.device, self.dtype, first, lr_value, lr_tensor, kw)
+
+
+class _ListGroup:
+    """One (device, dtype) group of the ``torch`` or ``cpu`` backend (lists each step)."""
+    needs_grads = True
+
+    def __init__(self, impl, params, grads, bufs, masks, init, momentum):
+        self.impl, self.params, self.bufs, self.masks, self.init = impl, params, bufs, masks, init
+
+    def run(self, lr: Lr, kw: Dict, grads: Optional[Sequence[Tensor]] = None) -> None:
+        self.impl(self.params, grads, self.bufs, self.masks, self.init, lr=lr, **kw)
+
+
+def _device_backend(name: str, build: Callable, launch: Callable) -> Callable:
+    def impl(params, grads, bufs, masks, init, *, lr, momentum, dampening, weight_decay,
+             nesterov, maximize, decoupled):
+        if params:
+            _DeviceGroup(name, build, launch, params, grads, bufs, masks, init, momentum).run(
+                lr, _hyper(momentum, dampening, weight_decay, nesterov, maximize, decoupled),
+                grads)
     impl.__name__ = f"_{name}"
+    impl.prepare = lambda *args: _DeviceGroup(name, build, launch, *args)
     return impl
 
 
@@ -323,21 +368,58 @@ register_op("masked_sgd", {"torch": reference, "cpu": _cpu, "cuda": _cuda, "trit
             ext_symbols={"cpu": "masked_sgd_cpu", "cuda": "masked_sgd_cuda_launch"})
 
 
-def _run(params, grads, bufs, masks, init, backend: str, **kw) -> None:
-    """Group by (device, dtype) and run each group's backend."""
+def _groups(params, backend: str) -> List[Tuple[Callable, List[int]]]:
+    """(backend implementation, indices) per (device, dtype) group."""
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)
+    out = []
     for (device, dtype), idx in groups.items():
         if dtype not in DTYPES:
             what = "complex" if dtype.is_complex else str(dtype)
             raise TypeError(f"params: expected float32, float64, bfloat16 or float16 tensors, "
                             f"got {what} (complex and integer params are not supported)")
-        impl = resolve("masked_sgd", backend, device)
+        out.append((resolve("masked_sgd", backend, device), idx))
+    return out
+
+
+def _run(params, grads, bufs, masks, init, backend: str, **kw) -> None:
+    """Group by (device, dtype) and run each group's backend."""
+    for impl, idx in _groups(params, backend):
         if len(idx) == len(params):
             impl(params, grads, bufs, masks, init, **kw)
         else:
             impl(*(_pick(x, idx) for x in (params, grads, bufs, masks, init)), **kw)
+
+
+class Plan:
+    """One step over fixed tensors, prepared: the (device, dtype) groups, their backends and
+    device tables. ``run(grads, lr, **hyper)`` repeats the step with no per-tensor Python work
+    for the ``cuda`` and ``triton`` backends (what ``MaskedSGD`` caches between steps; with a
+    tensor ``lr`` it is CUDA-graph capturable). ``grads`` must be the grads it was prepared with
+    or new tensors at the same addresses (the caller checks); the plan keeps no grad."""
+
+    def __init__(self, params, grads, bufs, masks, init, backend: str, momentum: float):
+        self.groups = []
+        for impl, idx in _groups(params, backend):
+            whole = len(idx) == len(params)
+            lists = (params, grads, bufs, masks, init) if whole else \
+                tuple(_pick(x, idx) for x in (params, grads, bufs, masks, init))
+            prepare = getattr(impl, "prepare", _partial_list_group(impl))
+            self.groups.append((None if whole else idx, prepare(*lists, momentum)))
+
+    def run(self, grads: Sequence[Tensor], lr: Lr, momentum: float, dampening: float,
+            weight_decay: float, nesterov: bool, maximize: bool, decoupled: bool) -> None:
+        kw = _hyper(momentum, dampening, weight_decay, nesterov, maximize, decoupled)
+        for idx, group in self.groups:
+            g = None
+            if group.needs_grads:
+                g = grads if idx is None else _pick(grads, idx)
+            group.run(lr, kw, g)
+
+
+def _partial_list_group(impl):
+    return lambda *args: _ListGroup(impl, *args)
 
 
 @torch.library.custom_op("fastimp::masked_sgd_", mutates_args=("params", "bufs"))
