@@ -468,3 +468,66 @@ def test_accepts_torch_sgd_only_keywords():
     MaskedSGD([p], lr=0.1, fused=False)
     with pytest.raises(ValueError, match="differentiable"):
         MaskedSGD([p], lr=0.1, differentiable=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_step_follows_every_change(backend, monkeypatch):
+    """Steps over the same tensors reuse the prepared step (no per-parameter list building);
+    new masks, buffers, grads, param storage or a cleared state are seen at the next step."""
+    gen = torch.Generator().manual_seed(21)
+    w = [torch.randn(s, generator=gen) for s in [(33,), (4, 5)]]
+    ours = [torch.nn.Parameter(t.clone()) for t in w]
+    theirs = [torch.nn.Parameter(t.clone()) for t in w]
+    masks = [torch.rand(t.shape, generator=gen) > 0.4 for t in w]
+    opt = MaskedSGD(ours, lr=0.05, momentum=0.9, masks={ours[0]: masks[0]}, backend=backend)
+    sgd = torch.optim.SGD(theirs, lr=0.05, momentum=0.9)
+    mask_of = {0: masks[0]}
+    calls = []
+    full_path = MaskedSGD._group_lists
+    monkeypatch.setattr(MaskedSGD, "_group_lists",
+                        lambda self, *a: calls.append(1) or full_path(self, *a))
+
+    def step(new_grads=True):
+        if new_grads:
+            for a, b in zip(ours, theirs):
+                g = torch.randn(a.shape, generator=gen)
+                if a.grad is None:
+                    a.grad, b.grad = g.clone(), g.clone()
+                else:  # the same grad tensors, new values (zero_grad(set_to_none=False))
+                    a.grad.copy_(g)
+                    b.grad.copy_(g)
+        opt.step()
+        sgd.step()
+        with torch.no_grad():
+            for i, m in mask_of.items():
+                theirs[i].mul_(m)
+                sgd.state[theirs[i]]["momentum_buffer"].mul_(m)
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    step()
+    step()
+    n = len(calls)
+    for _ in range(3):
+        step()
+    assert len(calls) == n, "steps over the same tensors rebuilt the lists"
+    mask_of[1] = masks[1]
+    opt.set_masks({ours[0]: masks[0], ours[1]: masks[1]})  # new masks
+    step()
+    with torch.no_grad():  # a new buffer put in the state directly
+        for p, q in zip(ours, theirs):
+            opt.state[p]["momentum_buffer"] = opt.state[p]["momentum_buffer"].clone() * 0.5
+            sgd.state[q]["momentum_buffer"].mul_(0.5)
+    step()
+    for p, q in zip(ours, theirs):  # grads set to None, then new grad tensors
+        p.grad, q.grad = None, None
+    step()
+    with torch.no_grad():  # new param storage (as module.to() does)
+        for p, q in zip(ours, theirs):
+            p.data = p.data.clone()
+    step()
+    for p in ours:  # momentum restarts in both (the masks stay in MaskedSGD's state)
+        del opt.state[p]["momentum_buffer"]
+    sgd.state.clear()
+    step()
+    step()
