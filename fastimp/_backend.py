@@ -2,8 +2,10 @@
 
 Backends: ``torch`` (the pure-PyTorch reference, always there), ``cpu`` (the compiled C++/OpenMP
 kernels), ``cuda`` (the compiled CUDA kernels) and ``triton``. Each op registers one callable per
-backend and, per device type, the order in which ``backend="auto"`` tries them (fastest first, as
-measured by ``benchmarks/``).
+backend and, per device type, the order in which ``backend="auto"`` tries them: fastest first
+where ``benchmarks/`` has measured it (the CPU); on CUDA, until ``benchmarks.gpu_check`` has timed
+them, the backend whose kernel source CI runs (Triton, under its interpreter) before the one that
+is only compiled (see docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
