@@ -15,6 +15,13 @@ namespace check {
 
 inline std::string entry(size_t i) { return "tensor " + std::to_string(i); }
 
+// Every list has n entries (argument `name`: "lists ... of one length").
+template <typename... Lists>
+inline void same_length(const char* name, const char* what, size_t n,
+                        const Lists&... lists) {
+  FASTIMP_CHECK_ARG(((lists.size() == n) && ...), name, what);
+}
+
 inline std::string describe(const at::Tensor& t) {
   return std::string(c10::toString(t.scalar_type())) + " " + c10::str(t.sizes()) + " on " +
          t.device().str();

@@ -177,9 +177,8 @@ void masked_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at:
                     double dampening, double weight_decay, bool nesterov, bool maximize,
                     bool decoupled) {
   const size_t nt = params.size();
-  FASTIMP_CHECK_ARG(grads.size() == nt && bufs.size() == nt && masks.size() == nt &&
-                        init.size() == nt,
-                    "params", "lists params, grads, bufs, masks, init of one length");
+  check::same_length("params", "lists params, grads, bufs, masks, init of one length", nt,
+                     grads, bufs, masks, init);
   FASTIMP_CHECK_ARG(!nesterov || momentum != 0.0, "nesterov", "momentum != 0");
   const sgd::Hyper h = sgd::make_hyper(host_lr(lr, lr_tensor), momentum, dampening,
                                        weight_decay, nesterov, maximize, decoupled);

@@ -116,8 +116,8 @@ std::tuple<at::Tensor, int64_t, int64_t, bool> masked_sgd_cuda_table(
     const std::vector<std::optional<at::Tensor>>& bufs,
     const std::vector<std::optional<at::Tensor>>& masks) {
   const size_t nt = params.size();
-  FASTIMP_CHECK_ARG(grads.size() == nt && bufs.size() == nt && masks.size() == nt, "params",
-                    "lists params, grads, bufs, masks of one length");
+  check::same_length("params", "lists params, grads, bufs, masks of one length", nt, grads,
+                     bufs, masks);
   FASTIMP_CHECK_ARG(nt > 0, "params", "at least one tensor");
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
@@ -232,9 +232,8 @@ void masked_sgd_cuda(const std::vector<at::Tensor>& params, const std::vector<at
                      double dampening, double weight_decay, bool nesterov, bool maximize,
                      bool decoupled) {
   const size_t nt = params.size();
-  FASTIMP_CHECK_ARG(grads.size() == nt && bufs.size() == nt && masks.size() == nt &&
-                        init.size() == nt,
-                    "params", "lists params, grads, bufs, masks, init of one length");
+  check::same_length("params", "lists params, grads, bufs, masks, init of one length", nt,
+                     grads, bufs, masks, init);
   FASTIMP_CHECK_ARG(!nesterov || momentum != 0.0, "nesterov", "momentum != 0");
   if (nt == 0) return;
   const bool has_mom = momentum != 0.0;

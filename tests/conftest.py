@@ -10,6 +10,8 @@ if "TRITON_INTERPRET" not in os.environ and not (
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastimp import _backend  # noqa: E402
+
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
@@ -37,3 +39,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def need_backend(op: str, backend: str, device: str = "cpu") -> None:
+    """Skip unless ``backend`` runs ``op`` here; a missing compiled cpu backend fails instead
+    when FASTIMP_REQUIRE_EXT=1 (as make test sets)."""
+    st = _backend.status(op, backend, device)
+    if not st:
+        if backend == "cpu" and os.environ.get("FASTIMP_REQUIRE_EXT") == "1":
+            pytest.fail(f"cpu backend missing: {st.reason}")
+        pytest.skip(st.reason)

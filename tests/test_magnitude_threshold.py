@@ -1,10 +1,10 @@
 """The global magnitude threshold op: every backend against the reference and a brute-force
 oracle (poisoned outputs, ties, dtypes, non-finite weights), the typed backend contract, errors."""
-import os
 
 import pytest
 import torch
 
+from conftest import need_backend
 from fastimp import _backend
 from fastimp.ops.magnitude_threshold import Threshold, magnitude_threshold, reference
 
@@ -12,11 +12,7 @@ BACKENDS = ["torch", "cpu", "triton"]
 
 
 def _need(backend):
-    st = _backend.status("magnitude_threshold", backend, "cpu")
-    if not st:
-        if backend == "cpu" and os.environ.get("FASTIMP_REQUIRE_EXT") == "1":
-            pytest.fail(f"cpu backend missing: {st.reason}")
-        pytest.skip(st.reason)
+    need_backend("magnitude_threshold", backend)
 
 
 def _oracle(weights, masks, k):

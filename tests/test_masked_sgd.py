@@ -2,8 +2,6 @@
 (0, 1, the Triton block - 1, block, block + 1), misaligned views, every dtype and option, with new
 momentum buffers poisoned (NaN) before the kernel writes them; input checks, lr as a tensor, the
 cached device tables."""
-import itertools
-import math
 
 import pytest
 import torch

@@ -114,33 +114,6 @@ def test_float64_trajectory_equals_torch_sgd(backend, config):
     assert_trajectory_close(opt, sgd, ours, theirs, rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lr_tensor_with_a_scheduler_matches_float_lr(backend):
-    """lr as a 0-dim tensor (updated in place by the scheduler) gives torch.optim.SGD's result."""
-    gen = torch.Generator().manual_seed(3)
-    w = torch.randn(130, generator=gen)
-    m = torch.rand(130, generator=gen) > 0.5
-    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    lr = torch.tensor(0.1, dtype=torch.float64)  # the scheduler's values exactly
-    ours = MaskedSGD([a], lr=lr, momentum=0.9, masks={a: m}, backend=backend)
-    sgd = torch.optim.SGD([b], lr=0.1, momentum=0.9)
-    s1 = torch.optim.lr_scheduler.StepLR(ours, step_size=3, gamma=0.5)
-    s2 = torch.optim.lr_scheduler.StepLR(sgd, step_size=3, gamma=0.5)
-    for _ in range(8):
-        g = torch.randn(130, generator=gen)
-        a.grad, b.grad = g.clone(), g.clone()
-        ours.step()
-        sgd.step()
-        with torch.no_grad():
-            b.mul_(m)
-            sgd.state[b]["momentum_buffer"].mul_(m)
-        s1.step()
-        s2.step()
-    assert isinstance(ours.param_groups[0]["lr"], torch.Tensor)
-    assert float(ours.param_groups[0]["lr"]) == sgd.param_groups[0]["lr"]
-    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
@@ -261,8 +234,10 @@ def test_param_groups_closure_and_zero_grad():
     assert a1.grad is None
 
 
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
 @pytest.mark.parametrize("scheduler", ["step", "cosine", "onecycle"])
-def test_lr_schedulers_drive_it_like_sgd(scheduler):
+def test_lr_schedulers_drive_it_like_sgd(scheduler, lr_kind):
+    """lr a float, or a 0-dim float64 tensor that the scheduler updates in place."""
     def make(opt):
         if scheduler == "step":
             return torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.3)
@@ -274,7 +249,8 @@ def test_lr_schedulers_drive_it_like_sgd(scheduler):
     w = torch.randn(40, generator=gen)
     m = torch.rand(40, generator=gen) > 0.5
     a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    ours = MaskedSGD([a], lr=0.1, momentum=0.9, masks={a: m})
+    lr = torch.tensor(0.1, dtype=torch.float64) if lr_kind == "tensor" else 0.1
+    ours = MaskedSGD([a], lr=lr, momentum=0.9, masks={a: m})
     sgd = torch.optim.SGD([b], lr=0.1, momentum=0.9)
     s1, s2 = make(ours), make(sgd)
     for _ in range(30):
@@ -287,7 +263,8 @@ def test_lr_schedulers_drive_it_like_sgd(scheduler):
             sgd.state[b]["momentum_buffer"].mul_(m)
         s1.step()
         s2.step()
-        assert ours.param_groups[0]["lr"] == sgd.param_groups[0]["lr"]
+        assert float(ours.param_groups[0]["lr"]) == sgd.param_groups[0]["lr"]
+    assert isinstance(ours.param_groups[0]["lr"], torch.Tensor) == (lr_kind == "tensor")
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -1,7 +1,6 @@
 """prune_magnitude vs torch.nn.utils.prune, prune_random, and the errors (the threshold op
 itself: tests/test_magnitude_threshold.py)."""
 import copy
-import os
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import fastimp
-from fastimp import _backend
+from conftest import need_backend
 from fastimp.masks import Masks
 from fastimp.pruning import prune_magnitude, prune_random
 
@@ -17,11 +16,7 @@ BACKENDS = ["torch", "cpu", "triton"]
 
 
 def _need(backend):
-    st = _backend.status("magnitude_threshold", backend, "cpu")
-    if not st:
-        if backend == "cpu" and os.environ.get("FASTIMP_REQUIRE_EXT") == "1":
-            pytest.fail(f"cpu backend missing: {st.reason}")
-        pytest.skip(st.reason)
+    need_backend("magnitude_threshold", backend)
 
 
 # --- prune_magnitude / prune_random -----------------------------------------------------------
