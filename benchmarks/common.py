@@ -63,13 +63,22 @@ class Table:
         base = [r for r in self.rows if r.case == row.case and r.impl == row.baseline]
         return base[0].seconds / row.seconds if base else None
 
+    # what the value column holds and how a ratio reads (CountTable: op counts, "x fewer")
+    value_name = "time"
+    ratio_name = "speedup vs"
+    ratio_word = "vs"
+
+    def fmt(self, value: float) -> str:
+        return fmt_seconds(value)
+
     def render(self) -> str:
         out = [f"## {self.title}", "",
-               "| case | impl | time | speedup vs | notes |", "|---|---|---:|---|---|"]
+               f"| case | impl | {self.value_name} | {self.ratio_name} | notes |",
+               "|---|---|---:|---|---|"]
         for r in self.rows:
             s = self.speedup(r)
-            vs = f"{s:.2f}x vs {r.baseline}" if s is not None else ""
-            out.append(f"| {r.case} | {r.impl} | {fmt_seconds(r.seconds)} | {vs} | {r.extra} |")
+            vs = f"{s:.2f}x {self.ratio_word} {r.baseline}" if s is not None else ""
+            out.append(f"| {r.case} | {r.impl} | {self.fmt(r.seconds)} | {vs} | {r.extra} |")
         return "\n".join(out)
 
 

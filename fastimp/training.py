@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from torch import nn
 from . import durations
 from .data import Dataset, FolderLoader, Loader
 
-__all__ = ["TrainConfig", "TrainResult", "Checkpoint", "make_loader", "make_optimizer",
-           "make_scheduler", "train", "evaluate", "train_loss_epsilon_appendix_f",
+__all__ = ["TrainConfig", "TrainResult", "Checkpoint", "NonFiniteLossError", "make_loader",
+           "make_optimizer", "make_scheduler", "train", "train_batched", "evaluate",
+           "train_loss_epsilon_appendix_f",
            "train_loss_epsilon"]
 
 _SCHEDULES = ("step", "cosine", "constant")
@@ -298,6 +299,167 @@ def _optimizer_to(optimizer, device) -> None:
                 st[k] = v.to(device)
 
 
+# ------------------------------------------------------------------- pieces of a training run
+class NonFiniteLossError(ValueError):
+    """The train loss became NaN or infinite: training stopped at that step (a diverging run,
+    e.g. too large an lr). ``step`` (global), ``lr`` (that step's), ``loss``, ``run`` (the run's
+    index in a batch of runs, else None); callers add where it happened (e.g. the IMP level)."""
+
+    def __init__(self, step: int, lr: float, loss: float, run: Optional[int] = None,
+                 where: str = ""):
+        self.step, self.lr, self.loss, self.run, self.where = step, lr, loss, run, where
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        who = self.where or (f"run {self.run}" if self.run is not None else "")
+        return (f"{who + ': ' if who else ''}training diverged: the loss of step {self.step} "
+                f"is {self.loss} (lr {self.lr:g}); lower the learning rate (train.lr) or check "
+                "the data")
+
+    def located(self, where: str) -> "NonFiniteLossError":
+        """The same error with ``where`` (e.g. "level 2, rewind step 0, replicate 1") in front."""
+        return NonFiniteLossError(self.step, self.lr, self.loss, self.run, where)
+
+
+def _resolve_loader(loader, cfg: TrainConfig, who: str = "train"):
+    if isinstance(loader, Dataset):
+        loader = make_loader(loader, cfg)
+    if not hasattr(loader, "steps") or not hasattr(loader, "iterations_per_epoch"):
+        raise TypeError(f"{who}: loader must be a fastimp.data Loader / FolderLoader or a Dataset")
+    if loader.iterations_per_epoch < 1:
+        raise ValueError(f"{who}: the loader has no batch per epoch")
+    return loader
+
+
+def _step_range(cfg: TrainConfig, ipe: int, start_step, end_step,
+                who: str = "train") -> Tuple[int, int]:
+    """``[start, end)`` of global steps (``end_step=None``: the config's total)."""
+    end = cfg.total_steps(ipe) if end_step is None else int(end_step)
+    start = int(start_step)
+    if start < 0 or end < start:
+        raise ValueError(f"{who}: need 0 <= start_step <= end_step, got {start}, {end}")
+    return start, end
+
+
+def _apply_masks(model: nn.Module, mask_by_name: Dict[str, torch.Tensor]) -> None:
+    """m ⊙ w, in place."""
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, m in mask_by_name.items():
+            params[name].mul_(m)
+
+
+def _checkpoint_state(model, optimizer, scheduler, step: int, start: int, end: int,
+                      cfg: TrainConfig, losses: torch.Tensor, device) -> Dict[str, Any]:
+    """What a resume needs: model, optimizer (momentum, masks), scheduler, step, the losses so
+    far, the RNG states, and what identifies the run (steps, config)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "start_step": start,
+            "end_step": end, "config": cfg.to_dict(), "losses": losses[:step - start].cpu(),
+            "rng": _rng_state(torch.device(device))}
+
+
+def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, start: int, end: int,
+            cfg: TrainConfig, losses: torch.Tensor, device) -> int:
+    """Load ``checkpoint`` (written by :func:`_checkpoint_state` for the same run) into model,
+    optimizer, scheduler and ``losses``; returns the step it reached."""
+    state = checkpoint.load()
+    if (state.get("start_step"), state.get("end_step"), state.get("config")) != \
+            (start, end, cfg.to_dict()):
+        raise ValueError(f"checkpoint {checkpoint.path} belongs to another run (steps "
+                         f"{state.get('start_step')}..{state.get('end_step')}, config "
+                         f"{state.get('config')}); remove it to start over")
+    device = torch.device(device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _optimizer_to(optimizer, device)
+    scheduler.load_state_dict(state["scheduler"])
+    step = int(state["step"])
+    losses[:step - start] = state["losses"].to(losses.device)
+    _set_rng_state(state["rng"], device)
+    return step
+
+
+class _FiniteGuard:
+    """Stops training at the first non-finite loss (:class:`NonFiniteLossError`). On the CPU every
+    step is checked as it ends (one scalar read); on a GPU every 50 steps and before each
+    checkpoint (each check waits for the device), naming the first bad step all the same.
+    ``losses`` [steps] or [steps, runs]: row ``i`` is global step ``start + i``."""
+
+    def __init__(self, losses: torch.Tensor, start: int, lr_at: Callable[[int], float],
+                 at: int, runs: Optional[Sequence[int]] = None):
+        self.losses, self.start, self.lr_at, self.runs = losses, start, lr_at, runs
+        self.every = 1 if losses.device.type == "cpu" else 50
+        self.checked = at
+
+    def after_step(self, step: int, loss: torch.Tensor) -> None:
+        """``step`` = steps completed; ``loss`` = that step's loss (a scalar or one per run)."""
+        if self.every == 1:
+            if not math.isfinite(float(loss if loss.dim() == 0 else loss.sum())):
+                self.flush(step)  # raises
+            self.checked = step
+        elif step % self.every == 0:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        """Check every step not yet checked up to ``step`` (exclusive)."""
+        lo = self.checked
+        part = self.losses[lo - self.start:step - self.start]
+        bad = ~torch.isfinite(part)
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            i = where[0]
+            run = None
+            if part.dim() > 1:
+                run = where[1] if self.runs is None else self.runs[where[1]]
+            raise NonFiniteLossError(lo + i, self.lr_at(lo + i), float(part[tuple(where)]), run)
+        self.checked = step
+
+
+class _Progress:
+    """A tqdm bar over the steps ``[start, end)`` updated about 100 times, with loss and lr."""
+
+    def __init__(self, enabled: bool, start: int, end: int, at: int, desc: str = "train"):
+        self.bar = None
+        self.every = max(1, (end - start) // 100)
+        self.start, self.end = start, end
+        if enabled and end > at:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=end - start, initial=at - start, desc=desc, unit="it",
+                            leave=False, dynamic_ncols=True)
+
+    def due(self, step: int) -> bool:
+        return self.bar is not None and (step % self.every == 0 or step == self.end)
+
+    def update(self, step: int, loss: str, lr: float) -> None:
+        self.bar.update(step - self.start - self.bar.n)
+        self.bar.set_postfix(loss=loss, lr=f"{lr:.4g}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sgd_step(model: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _finish(model: nn.Module, losses: torch.Tensor, start: int, end: int, ipe: int, device,
+            t0: float, eval_data, checkpoint: Optional[Checkpoint]) -> TrainResult:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    result = TrainResult(losses.cpu(), start, end, ipe, seconds=time.perf_counter() - t0)
+    if eval_data is not None:
+        result.test_error, result.test_loss = evaluate(model, eval_data, device)
+    if checkpoint is not None and not checkpoint.keep:
+        checkpoint.remove()
+    return result
+
+
 # ---------------------------------------------------------------------------------- training
 def train(model: nn.Module, cfg: TrainConfig, loader, masks=None, start_step: int = 0,
           end_step: Optional[int] = None, optimizer=None, scheduler=None,
@@ -306,32 +468,22 @@ def train(model: nn.Module, cfg: TrainConfig, loader, masks=None, start_step: in
           eval_data=None) -> TrainResult:
     """Train ``model`` for global steps ``[start_step, end_step)`` (``end_step=None``: the config's
     total) on ``loader.batch(step)`` with cross-entropy. ``masks`` are applied to the weights
-    first (m ⊙ w) and kept by the optimizer. See the module docstring and docs/ARCHITECTURE.md."""
+    first (m ⊙ w) and kept by the optimizer. A non-finite loss stops training with a
+    :class:`NonFiniteLossError` naming the step and its lr. See the module docstring and
+    docs/ARCHITECTURE.md."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"train: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train: cfg must be a TrainConfig, got {type(cfg).__name__}")
-    if isinstance(loader, Dataset):
-        loader = make_loader(loader, cfg)
-    if not hasattr(loader, "steps") or not hasattr(loader, "iterations_per_epoch"):
-        raise TypeError("train: loader must be a fastimp.data Loader / FolderLoader or a Dataset")
-    device = loader.device
-    ipe = loader.iterations_per_epoch
-    if ipe < 1:
-        raise ValueError("train: the loader has no batch per epoch")
-    end = cfg.total_steps(ipe) if end_step is None else int(end_step)
-    start = int(start_step)
-    if start < 0 or end < start:
-        raise ValueError(f"train: need 0 <= start_step <= end_step, got {start}, {end}")
+    loader = _resolve_loader(loader, cfg)
+    device, ipe = loader.device, loader.iterations_per_epoch
+    start, end = _step_range(cfg, ipe, start_step, end_step)
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         raise TypeError("train: checkpoint must be a fastimp.training.Checkpoint")
 
     model.to(device)
     mask_by_name = _mask_dict(model, masks)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, m in mask_by_name.items():
-            params[name].mul_(m)
+    _apply_masks(model, mask_by_name)
     made_sched = scheduler is None
     if optimizer is None:
         optimizer = make_optimizer(model, cfg, mask_by_name)
@@ -341,67 +493,46 @@ def train(model: nn.Module, cfg: TrainConfig, loader, masks=None, start_step: in
     losses = torch.zeros(end - start, dtype=torch.float32, device=device)
     step = start
     if checkpoint is not None and checkpoint.exists():
-        state = checkpoint.load()
-        if (state.get("start_step"), state.get("end_step"), state.get("config")) != \
-                (start, end, cfg.to_dict()):
-            raise ValueError(f"checkpoint {checkpoint.path} belongs to another run (steps "
-                             f"{state.get('start_step')}..{state.get('end_step')}, config "
-                             f"{state.get('config')}); remove it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _optimizer_to(optimizer, device)
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        losses[:step - start] = state["losses"].to(device)
-        _set_rng_state(state["rng"], device)
+        step = _resume(checkpoint, model, optimizer, scheduler, start, end, cfg, losses, device)
     elif not made_sched and start and scheduler.last_epoch != start:
         _position(scheduler, start)
 
-    def save(at: int) -> None:
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "step": at, "start_step": start,
-                         "end_step": end, "config": cfg.to_dict(),
-                         "losses": losses[:at - start].cpu(), "rng": _rng_state(device)})
-
-    bar = None
-    if progress and end > step:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=end - start, initial=step - start, desc="train", unit="it",
-                   leave=False, dynamic_ncols=True)
-    every = max(1, (end - start) // 100)
+    lr_of = _multiplier_fn(cfg, ipe)
+    guard = _FiniteGuard(losses, start, lambda s: cfg.lr * lr_of(s), step)
+    bar = _Progress(progress, start, end, step)
     t0 = time.perf_counter()
     was_training = model.training
     model.train()
     try:
         for x, y in loader.steps(step, end):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _sgd_step(model, optimizer, x, y)
             scheduler.step()
             losses[step - start] = loss.detach()
             step += 1
+            guard.after_step(step, loss.detach())
             if on_step is not None:
                 on_step(step, model, optimizer)
             if checkpoint is not None and step % checkpoint.every == 0 and step < end:
-                save(step)
-            if bar is not None and (step % every == 0 or step == end):
-                bar.update(step - start - bar.n)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.4g}")
+                guard.flush(step)
+                checkpoint.save(_checkpoint_state(model, optimizer, scheduler, step, start, end,
+                                                  cfg, losses, device))
+            if bar.due(step):
+                bar.update(step, f"{float(loss.detach()):.4f}", scheduler.get_last_lr()[0])
+        guard.flush(step)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     model.train(was_training)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    result = TrainResult(losses.cpu(), start, end, ipe, seconds=seconds)
-    if eval_data is not None:
-        result.test_error, result.test_loss = evaluate(model, eval_data, device)
-    if checkpoint is not None and not checkpoint.keep:
-        checkpoint.remove()
-    return result
+    return _finish(model, losses, start, end, ipe, device, t0, eval_data, checkpoint)
+
+
+def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None, **kw):
+    """Train N independent runs as one program -> ``list[TrainResult]``; run ``i`` equals
+    ``train(models[i], cfg, loaders[i], masks[i], ...)`` to float tolerance. Keywords:
+    ``train``'s (``on_step``, ``checkpoint``, ``progress``, ``eval_data``) and ``on_run_end``,
+    ``batching``, ``max_batch_runs``, ``cuda_graph``, ``precision``, ``channels_last``; see
+    :func:`fastimp.batched.engine.train_batched` and docs/ARCHITECTURE.md."""
+    from fastimp.batched.engine import train_batched as impl
+    return impl(models, cfg, loaders, masks, start_step, end_step, **kw)
 
 
 @torch.no_grad()

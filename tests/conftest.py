@@ -49,3 +49,18 @@ def need_backend(op: str, backend: str, device: str = "cpu") -> None:
         if backend == "cpu" and os.environ.get("FASTIMP_REQUIRE_EXT") == "1":
             pytest.fail(f"cpu backend missing: {st.reason}")
         pytest.skip(st.reason)
+
+
+@pytest.fixture
+def pack_widths(monkeypatch):
+    """How many runs each call of fastimp.batched's pack() packed (the packability probe and
+    every packed segment), in order."""
+    from fastimp.batched import engine
+    widths = []
+    real = engine.pack
+
+    def spy(models):
+        widths.append(len(models))
+        return real(models)
+    monkeypatch.setattr(engine, "pack", spy)
+    return widths

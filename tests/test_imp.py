@@ -32,18 +32,22 @@ def _states_equal(a, b):
 
 @pytest.fixture
 def record_train(monkeypatch):
-    """Wrap fastimp.training.train; record the weights it starts from and the steps it runs."""
+    """Wrap fastimp.training.train_batched (every IMP training goes through it); record, per
+    run, the weights it starts from and the steps it runs."""
     from fastimp import training
     calls = []
-    real = training.train
+    real = training.train_batched
 
-    def spy(model, cfg, loader, masks=None, start_step=0, end_step=None, **kw):
-        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        calls.append(dict(start=start, masks=None if masks is None else dict(masks),
-                          start_step=start_step, end_step=end_step, cfg=cfg))
-        return real(model, cfg, loader, masks=masks, start_step=start_step, end_step=end_step,
-                    **kw)
-    monkeypatch.setattr(training, "train", spy)
+    def spy(models, cfg, loaders, masks=None, start_step=0, end_step=None, **kw):
+        n = len(models)
+        each = lambda v: v if isinstance(v, list) else [v] * n  # noqa: E731
+        for m, c, mk, s, e in zip(models, each(cfg), each(masks), each(start_step),
+                                  each(end_step)):
+            calls.append(dict(start={k: v.detach().clone() for k, v in m.state_dict().items()},
+                              masks=None if mk is None else dict(mk), start_step=s, end_step=e,
+                              cfg=c))
+        return real(models, cfg, loaders, masks, start_step, end_step, **kw)
+    monkeypatch.setattr(training, "train_batched", spy)
     return calls
 
 
@@ -142,8 +146,9 @@ def test_random_pruning_control(tmp_path):
 
 
 # ------------------------------------------------------------------------ resume and reuse
-def test_kill_and_resume_is_bitwise_identical(tmp_path):
-    cfg = tiny(levels=2, strategy="lrr", rewind_steps=[0, 4])
+@pytest.mark.parametrize("batch_runs", ["auto", 1])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, batch_runs):
+    cfg = tiny(levels=2, strategy="lrr", rewind_steps=[0, 4], batch_runs=batch_runs)
     ref = imp.run(cfg, tmp_path / "ref", progress=False, checkpoint_every=5)
 
     class Killed(Exception):
@@ -152,7 +157,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
     def kill(step, model, optimizer):
         seen["n"] += 1
-        if seen["n"] == 4 + T + 13:  # pre-training, level 0, then 13 steps into level 1
+        # pre-training, then level 0: tau = 0 alone (batched: both taus, one step count) ...
+        if seen["n"] == 4 + T + 13:  # ... then 13 steps into level 1 (one at a time: tau = 4)
             raise Killed
     with pytest.raises(Killed):
         imp.run(cfg, tmp_path / "resumed", progress=False, checkpoint_every=5, on_step=kill)
@@ -219,9 +225,12 @@ def test_run_folder_contract(tmp_path):
     sd2, st2 = run.retrain(run.mask(1), level=0, strategy="lrr")
     assert (st2["start_step"], st2["end_step"]) == (0, T)
     # several runs at once: lists in, a list out, in order, each equal to retraining it alone
+    # (one batched program: equal to float tolerance)
     many = run.retrain([run.mask(1), run.mask(1)], rewind_step=[3, 0], replicate=0)
     assert [s["rewind_step"] for _, s in many] == [3, 0]
-    assert all(torch.equal(many[0][0][k], sd[k]) for k in sd)
+    for k in sd:
+        torch.testing.assert_close(many[0][0][k], sd[k], rtol=1e-4, atol=1e-6)
+    assert list(many[0][1]) == list(st)  # the same stats, in the same order
     with pytest.raises(ValueError, match="rewind_step"):
         run.retrain([run.mask(1)] * 2, rewind_step=[3])
     # start= replaces the starting weights; the mask is applied to them
@@ -229,6 +238,62 @@ def test_run_folder_contract(tmp_path):
     sd3, _ = run.retrain(run.mask(1), rewind_step=3, start=shifted)
     assert not all(torch.equal(sd3[k], sd[k]) for k in sd)
     assert all(torch.all(sd3[k][~m] == 0) for k, m in run.mask(1).items())
+
+
+def test_levels_train_as_one_batched_program(tmp_path, pack_widths):
+    """Replicates x rewind steps of a level are packed (batch_runs default); every run equals its
+    training alone to float tolerance and the folder holds the same files as batch_runs=1."""
+    widths = pack_widths
+    cfg = tiny(levels=1, rewind_steps=[0, 3], seeds=[3, 8])
+    batched = imp.run(cfg, tmp_path / "batched", progress=False)
+    assert 4 in widths and all(w <= 4 for w in widths)  # 2 seeds x 2 rewind steps at once
+    n_packed = len(widths)
+    alone = imp.run(cfg.replace(batch_runs=1), tmp_path / "alone", progress=False)
+    assert len(widths) == n_packed  # batch_runs=1: nothing packed
+    files = lambda run: sorted(str(p.relative_to(run.dir)) for p in run.dir.rglob("*"))  # noqa
+    assert files(batched) == files(alone)
+    rows_b, rows_a = batched.results(), alone.results()
+    assert [list(r) for r in rows_b] == [list(r) for r in rows_a]
+    for tau in (0, 3):
+        for r in (0, 1):
+            for L in (0, 1):
+                a, b = batched.solution(L, tau, r), alone.solution(L, tau, r)
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+                sa, sb = batched.stats(L, tau, r), alone.stats(L, tau, r)
+                assert sa["test_error"] == pytest.approx(sb["test_error"], abs=0.01)
+            for L in (0, 1):  # the same masks (no weight sits within float noise of the cut)
+                agree = sum(int((batched.mask(L + 1, tau, r)[k] == alone.mask(L + 1, tau, r)[k])
+                                .sum()) for k in a if k in batched.mask(L + 1, tau, r))
+                assert agree >= 0.999 * batched.mask(L + 1, tau, r).total()
+    with pytest.raises(ValueError, match="batch_runs"):
+        cfg.replace(batch_runs=0)
+    assert cfg.replace(batch_runs=2).folder_name() == cfg.folder_name()  # not hashed
+
+
+@pytest.mark.parametrize("tau", [0, 20])
+def test_a_diverging_run_names_level_replicate_step_and_lr(tmp_path, tau, capsys):
+    from fastimp.cli import main
+    from fastimp.training import NonFiniteLossError
+    cfg = tiny(levels=1, rewind_steps=[tau], seeds=[0, 1]).with_overrides(["train.lr=1000"])
+    with pytest.raises(NonFiniteLossError) as err:
+        imp.run(cfg, tmp_path, progress=False)
+    text = str(err.value)
+    where = "pre-training of replicate" if tau else "level 0, rewind step 0, replicate"
+    assert where in text and f"step {err.value.step}" in text and "lr 1000" in text
+    assert not list(tmp_path.rglob("solution.pt"))  # stopped before anything was saved
+    code = main(["imp", "--preset", "mnist1d", "--out", str(tmp_path / "cli"), "--levels", "0",
+                 "--replicates", "1", "--no-progress", "train.lr=1000", "train.steps=30it",
+                 "model=mnist1d_mlp"])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err_lines) == 1
+    assert "level 0, rewind step 0, replicate 0 (seed 0): training diverged" in err_lines[0]
+
+
+def test_progress_bar_counts_trainings(tmp_path, capsys):
+    imp.run(tiny(levels=2, seeds=[0, 1]), tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "3 levels x 2 runs" in err and "6/6" in err and "training" in err
 
 
 def test_matching_definition():

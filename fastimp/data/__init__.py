@@ -5,8 +5,8 @@ Names: ``mnist1d`` (generated locally), ``cifar10``, ``cifar100`` (torchvision's
 """
 from .datasets import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN,
                        IMAGENET_STD, Dataset, Split, default_root, get, names, register)
-from .loader import FolderLoader, Loader, mix_seed, random_crop_flip
+from .loader import BatchedLoader, FolderLoader, Loader, mix_seed, random_crop_flip
 
 __all__ = ["get", "names", "register", "Dataset", "Split", "Loader", "FolderLoader",
-           "random_crop_flip", "mix_seed", "default_root", "CIFAR10_MEAN", "CIFAR10_STD",
-           "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "BatchedLoader", "random_crop_flip", "mix_seed", "default_root", "CIFAR10_MEAN",
+           "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD"]

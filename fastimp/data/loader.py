@@ -14,7 +14,7 @@ import torch
 
 from ..durations import iterations_per_epoch as _ipe
 
-__all__ = ["Loader", "FolderLoader", "random_crop_flip", "mix_seed"]
+__all__ = ["Loader", "FolderLoader", "BatchedLoader", "random_crop_flip", "mix_seed"]
 
 _MASK = (1 << 63) - 1
 _PAD = 4
@@ -115,20 +115,26 @@ class Loader:
         """(order, crop offsets, flips) of ``epoch``, drawn on the CPU and moved to the device
         once per epoch (so no step waits for a host-to-device copy)."""
         if self._plan_epoch != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(mix_seed(self.seed, 0x0EB0C, epoch))
-                perm = torch.randperm(self.num_examples, generator=g)
-            else:
-                perm = torch.arange(self.num_examples)
-            offsets = flips = None
-            if self.augment == "cifar":
-                g = torch.Generator().manual_seed(mix_seed(self.seed, 0xA06, epoch))
-                offsets = torch.randint(0, 2 * _PAD + 1, (self.num_examples, 2), generator=g)
-                flips = torch.rand(self.num_examples, generator=g) < 0.5
+            perm, offsets, flips = self._draw_plan(epoch)
+            if offsets is not None:
                 offsets, flips = offsets.to(self.device), flips.to(self.device)
             self._plan = (perm.to(self.device), offsets, flips)
             self._plan_epoch = epoch
         return self._plan
+
+    def _draw_plan(self, epoch: int):
+        """(order, crop offsets or None, flips or None) of ``epoch`` on the CPU."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0x0EB0C, epoch))
+            perm = torch.randperm(self.num_examples, generator=g)
+        else:
+            perm = torch.arange(self.num_examples)
+        offsets = flips = None
+        if self.augment == "cifar":
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0xA06, epoch))
+            offsets = torch.randint(0, 2 * _PAD + 1, (self.num_examples, 2), generator=g)
+            flips = torch.rand(self.num_examples, generator=g) < 0.5
+        return perm, offsets, flips
 
     def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) of global step ``step``."""
@@ -161,12 +167,7 @@ class Loader:
     def steps(self, start_step: int = 0,
               end_step: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Batches of global steps ``start_step, start_step + 1, ...`` (until ``end_step``)."""
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        step = start_step
-        while end_step is None or step < end_step:
-            yield self.batch(step)
-            step += 1
+        return _steps(self.batch, start_step, end_step)
 
     def epoch(self, e: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """The batches of epoch ``e``."""
@@ -271,3 +272,97 @@ class FolderLoader:
     def epoch(self, e: int = 0):
         n = self.iterations_per_epoch
         return self.steps(e * n, (e + 1) * n)
+
+
+class BatchedLoader:
+    """The batches of N runs' loaders at one global step, together: ``batch(step) -> (x, y)``
+    with ``x`` [b, N, ...] and ``y`` [b, N] (the run axis second, so that ``x.view(b, N * C,
+    ...)`` packs the runs into the channel axis), ``x[:, i]`` = ``loaders[i].batch(step)[0]``.
+
+    When every loader is a :class:`Loader` over the same tensors with the same batch size,
+    normalization and augmentation ("cifar" or None), one gather, one crop + flip and one
+    normalization serve all N runs (each keeps its own order and augmentation draws, stacked
+    once per epoch); otherwise each loader makes its batch and they are stacked.
+    """
+
+    def __init__(self, loaders: Sequence):
+        loaders = list(loaders)
+        if not loaders:
+            raise ValueError("BatchedLoader: expected at least one loader")
+        first = loaders[0]
+        for name in ("iterations_per_epoch", "batch_size", "device"):
+            values = {str(getattr(ld, name)) for ld in loaders}
+            if len(values) > 1:
+                raise ValueError(f"BatchedLoader: the loaders differ in {name} ({sorted(values)})")
+        self.loaders = loaders
+        self.n = len(loaders)
+        self.device = first.device
+        self.batch_size = first.batch_size
+        self.iterations_per_epoch = first.iterations_per_epoch
+        self.fused = all(isinstance(ld, Loader) for ld in loaders) and all(
+            ld.x is first.x and ld.y is first.y and ld.augment in (None, "cifar")
+            and ld.augment == first.augment and ld.drop_last == first.drop_last
+            and _same(ld._mean, first._mean) and _same(ld._std, first._std) for ld in loaders)
+        self._plan_epoch = None
+        self._plan = None
+
+    def __len__(self) -> int:
+        return self.iterations_per_epoch
+
+    def _epoch_plan(self, epoch: int):
+        """Every run's (order, offsets, flips) of ``epoch``, position-major: [M, N] / [M, N, 2]."""
+        if self._plan_epoch != epoch:
+            plans = [ld._draw_plan(epoch) for ld in self.loaders]
+            order = torch.stack([p[0] for p in plans], 1).to(self.device)
+            offsets = flips = None
+            if plans[0][1] is not None:
+                offsets = torch.stack([p[1] for p in plans], 1).to(self.device)
+                flips = torch.stack([p[2] for p in plans], 1).to(self.device)
+            self._plan = (order, offsets, flips)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x [b, N, ...], y [b, N]) of global step ``step`` for the N runs."""
+        if not self.fused:
+            xs, ys = zip(*(ld.batch(step) for ld in self.loaders))
+            return torch.stack(xs, 1), torch.stack(ys, 1)
+        first = self.loaders[0]
+        if self.iterations_per_epoch == 0:
+            raise ValueError(f"Loader: {first.num_examples} examples make no batch of "
+                             f"{self.batch_size} with drop_last=True")
+        epoch, i = divmod(int(step), self.iterations_per_epoch)
+        order, offsets, flips = self._epoch_plan(epoch)
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        idx = order[sl].reshape(-1)                     # position-major: example b of run r
+        b = idx.numel() // self.n
+        x = first.x.index_select(0, idx)
+        y = first.y.index_select(0, idx).view(b, self.n)
+        if offsets is not None:
+            x = random_crop_flip(x, offsets[sl].reshape(-1, 2), flips[sl].reshape(-1), pad=_PAD)
+        x = first._normalize(x)
+        return x.view(b, self.n, *x.shape[1:]), y
+
+    def steps(self, start_step: int = 0,
+              end_step: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """The N runs' batches of global steps ``start_step, ...`` (until ``end_step``)."""
+        return _steps(self.batch, start_step, end_step)
+
+
+def _steps(batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]], start_step: int,
+           end_step: Optional[int]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+
+    def gen():
+        step = start_step
+        while end_step is None or step < end_step:
+            yield batch(step)
+            step += 1
+    return gen()
+
+
+def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(torch.equal(a, b))

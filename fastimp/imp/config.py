@@ -14,7 +14,8 @@ PRUNINGS = ("magnitude", "random")
 
 # Fields that say *how much* of the experiment to run or *where*, not *what* it computes: they do
 # not enter the folder's hash, so a rerun with more levels, rewind steps or seeds reuses the folder.
-_NOT_HASHED = ("levels", "rewind_steps", "replicates", "seeds", "device", "data_root", "threads")
+_NOT_HASHED = ("levels", "rewind_steps", "replicates", "seeds", "device", "data_root", "threads",
+               "batch_runs")
 # Finetuning's lr and weight decay decide only what IMP-FT levels compute: they enter the hash only
 # for strategy "ft" and only when set, so WR / LRR folders and FT folders run before these fields
 # existed (None = the schedule's final lr and the run's weight decay) keep their names.
@@ -44,8 +45,12 @@ class IMPConfig:
     control.
     ``seeds[r]`` seeds replicate r (initialization and data order); default ``range(replicates)``.
     ``threads``: torch intra-op threads during the run (None: torch's default; 1 is much faster for
-    tiny CPU models on a busy machine). ``levels``, ``rewind_steps``, ``replicates``, ``seeds``,
-    ``device``, ``data_root`` and ``threads`` do not enter the folder's hash.
+    tiny CPU models on a busy machine). ``batch_runs``: how many trainings of a level (replicates x
+    rewind steps) run as one batched program (``fastimp.training.train_batched``): ``"auto"`` (as
+    many as fit; on the CPU only where batching is faster), an int (at most that many, packed), or
+    1 (one after another, as before batching existed). ``levels``, ``rewind_steps``,
+    ``replicates``, ``seeds``, ``device``, ``data_root``, ``threads`` and ``batch_runs`` do not
+    enter the folder's hash.
     ``finetune_lr`` / ``finetune_weight_decay``: IMP-FT's retraining (Appendix B: a constant lr of
     the peak lr / 100, weight decay off); None keeps the schedule's lr at steps [T, 2T) (its final
     lr) resp. ``train.weight_decay``. They enter the hash only for ``strategy="ft"`` when set.
@@ -67,6 +72,7 @@ class IMPConfig:
     threads: Optional[int] = None
     finetune_lr: Optional[float] = None
     finetune_weight_decay: Optional[float] = None
+    batch_runs: Union[str, int] = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -122,6 +128,9 @@ class IMPConfig:
                                          or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"IMPConfig.threads: expected None or an int >= 1, "
                              f"got {self.threads!r}")
+        br = self.batch_runs
+        if br != "auto" and (isinstance(br, bool) or not isinstance(br, int) or br < 1):
+            raise ValueError(f"IMPConfig.batch_runs: expected 'auto' or an int >= 1, got {br!r}")
         if not isinstance(self.device, str):
             raise ValueError(f"IMPConfig.device: expected a device string, got {self.device!r}")
         for name in ("model_kwargs", "dataset_kwargs"):

@@ -6,7 +6,7 @@ retraining strategy (Section 2) and is what ``Run.retrain`` calls.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -52,6 +52,8 @@ class LevelTrainer:
                  checkpoint_every):
         from fastimp import training
         self.config, self.seed, self.device, self.dataset = config, seed, device, dataset
+        seeds = config.replicate_seeds
+        self.replicate = seeds.index(seed) if seed in seeds else 0
         self.train_cfg = replicate_train_config(config, seed)
         self.loader = training.make_loader(dataset, self.train_cfg, device=str(device))
         self.test_loader = dataset.loader("test", max(self.train_cfg.batch_size, 1000),
@@ -64,24 +66,56 @@ class LevelTrainer:
         return models.get(self.config.model, num_classes=self.dataset.num_classes,
                           seed=self.train_cfg.init_seed, **self.config.model_kwargs)
 
-    def train(self, model, masks, start_step, end_step, checkpoint_path=None, extra_on_step=None):
-        from fastimp import training
-        callbacks = [cb for cb in (extra_on_step, self.on_step) if cb is not None]
-
-        def on_step(step, model, optimizer):
-            for cb in callbacks:
-                cb(step, model, optimizer)
-        ckpt = None
-        if checkpoint_path is not None:
-            ckpt = training.Checkpoint(checkpoint_path, every=self.checkpoint_every)
-        cfg = self.train_cfg
+    def train_config(self, start_step: int):
+        """The train config of a training starting at ``start_step``: the replicate's, or IMP-FT's
+        for steps [T, 2T) (``finetune_train_config``)."""
         if start_step >= self.total_steps:  # only IMP-FT runs steps [T, 2T)
-            cfg = finetune_train_config(cfg, self.config.finetune_lr,
-                                        self.config.finetune_weight_decay)
-        return training.train(model, cfg, self.loader, masks=masks,
-                              start_step=start_step, end_step=end_step,
-                              on_step=on_step if callbacks else None, checkpoint=ckpt,
-                              progress=self.progress)
+            return finetune_train_config(self.train_cfg, self.config.finetune_lr,
+                                         self.config.finetune_weight_decay)
+        return self.train_cfg
+
+    def train(self, model, masks, start_step, end_step, checkpoint_path=None, extra_on_step=None):
+        """One run of this replicate (``train_runs`` with one run)."""
+        return train_runs([self], [model], [masks], [start_step], [end_step], [checkpoint_path],
+                          extra_on_step, batch_runs=1)[0]
+
+
+def batching_options(batch_runs) -> Dict:
+    """``IMPConfig.batch_runs`` -> ``train_batched``'s ``batching`` / ``max_batch_runs``."""
+    if batch_runs == "auto":
+        return {"batching": "auto", "max_batch_runs": None}
+    if batch_runs == 1:
+        return {"batching": "loop", "max_batch_runs": None}
+    return {"batching": "packed", "max_batch_runs": int(batch_runs)}
+
+
+def train_runs(ctxs: Sequence["LevelTrainer"], models, masks, starts, ends,
+               checkpoint_paths=None, extra_on_step=None, batch_runs="auto", on_run_end=None):
+    """Train run ``i`` (replicate ``ctxs[i]``: its config, loader, seeds) from ``models[i]``
+    under ``masks[i]`` over steps ``[starts[i], ends[i])``, all as one batched program
+    (``fastimp.training.train_batched``) -> list of TrainResult. ``extra_on_step(step, view)``
+    sees every step; the replicates' own ``on_step(step, model, optimizer)`` gets the packed
+    module and optimizer (or the run's own, when trained alone). Each run keeps its own
+    checkpoint file (``checkpoint_paths[i]``), resumable on its own; ``on_run_end(i, result)``
+    as soon as run ``i`` is done."""
+    from fastimp import training
+    user = ctxs[0].on_step
+    callbacks = extra_on_step is not None or user is not None
+
+    def on_step(step, view):
+        if extra_on_step is not None:
+            extra_on_step(step, view)
+        if user is not None:
+            user(step, view.module, view.optimizer)
+    paths = checkpoint_paths or [None] * len(models)
+    ckpts = [None if p is None else training.Checkpoint(p, every=ctx.checkpoint_every)
+             for p, ctx in zip(paths, ctxs)]
+    return training.train_batched(
+        list(models), [c.train_config(s) for c, s in zip(ctxs, starts)],
+        [c.loader for c in ctxs], list(masks),
+        list(starts), list(ends), on_step=on_step if callbacks else None, checkpoint=ckpts,
+        progress=any(c.progress for c in ctxs), on_run_end=on_run_end,
+        **batching_options(batch_runs))
 
 
 def float_or_none(x):
@@ -111,13 +145,21 @@ def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Opt
             per_run[name] = list(value)
         else:
             per_run[name] = [value] * n
-    return [_retrain_one(run, masks[i], per_run["rewind_step"][i], per_run["replicate"][i],
-                         per_run["level"][i], strategy, device, progress, per_run["start"][i])
-            for i in range(n)]
+    contexts: Dict = {}  # one LevelTrainer per (seed, device), shared by its runs
+    jobs = [_retrain_job(run, masks[i], per_run["rewind_step"][i], per_run["replicate"][i],
+                         per_run["level"][i], strategy, device, progress, per_run["start"][i],
+                         contexts) for i in range(n)]
+    return _retrain_jobs(run, jobs)
 
 
 def _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress, start):
-    from fastimp import training
+    return _retrain_jobs(run, [_retrain_job(run, masks, rewind_step, replicate, level, strategy,
+                                            device, progress, start, {})])[0]
+
+
+def _retrain_job(run, masks, rewind_step, replicate, level, strategy, device, progress, start,
+                 contexts):
+    """What one retraining needs: (replicate context, model at its start, masks, plan, stats)."""
     from fastimp.masks import Masks
     config = run.config
     strategy = strategy or config.strategy
@@ -126,8 +168,11 @@ def _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, pr
         raise ValueError(f"level: retraining with strategy {strategy!r} starts from the solution "
                          "w^(level) that was pruned; pass level")
     dev = resolve_device(device or config.device)
-    dataset = run.dataset(str(dev))
-    ctx = LevelTrainer(config, seed, dev, dataset, None, progress, DEFAULT_CHECKPOINT_EVERY)
+    key = (seed, str(dev))
+    if key not in contexts:
+        contexts[key] = LevelTrainer(config, seed, dev, run.dataset(str(dev)), None, progress,
+                                     DEFAULT_CHECKPOINT_EVERY)
+    ctx = contexts[key]
     plan = level_plan(strategy, 1 if level is None else int(level) + 1, tau, ctx.total_steps)
     if start is None:
         start = run.solution(level, tau, replicate) if plan.start == PREVIOUS \
@@ -137,13 +182,24 @@ def _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, pr
     model.to(dev)
     if not isinstance(masks, Masks):
         masks = Masks(dict(masks))
-    result = ctx.train(model, masks.to(dev), plan.start_step, plan.end_step)
-    test_error, test_loss = training.evaluate(model, ctx.test_loader)
     remaining, total = int(masks.remaining()), int(masks.total())
-    stats = {"rewind_step": tau, "seed": seed, "replicate": replicate, "strategy": strategy,
-             "from_level": level, "weights_remaining": remaining / total if total else 1.0,
-             "test_error": float(test_error), "test_loss": float(test_loss),
-             "train_loss": float_or_none(result.train_loss),
-             "train_loss_epsilon": float_or_none(result.train_loss_epsilon),
-             "start_step": plan.start_step, "end_step": plan.end_step}
-    return cpu_state(model), stats
+    head = {"rewind_step": tau, "seed": seed, "replicate": replicate, "strategy": strategy,
+            "from_level": level, "weights_remaining": remaining / total if total else 1.0}
+    return ctx, model, masks.to(dev), plan, head
+
+
+def _retrain_jobs(run, jobs):
+    """Train the jobs as one batched program (the run's ``batch_runs``), evaluate each."""
+    from fastimp import training
+    results = train_runs([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+                         [j[3].start_step for j in jobs], [j[3].end_step for j in jobs],
+                         batch_runs=getattr(run.config, "batch_runs", "auto"))
+    out = []
+    for (ctx, model, _, plan, head), result in zip(jobs, results):
+        test_error, test_loss = training.evaluate(model, ctx.test_loader)
+        stats = dict(head, test_error=float(test_error), test_loss=float(test_loss),
+                     train_loss=float_or_none(result.train_loss),
+                     train_loss_epsilon=float_or_none(result.train_loss_epsilon),
+                     start_step=plan.start_step, end_step=plan.end_step)
+        out.append((cpu_state(model), stats))
+    return out

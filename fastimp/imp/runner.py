@@ -2,16 +2,17 @@
 for several rewind steps and replicates, resumable.
 
 Per replicate (seed s): build w_0, pre-train to every rewind step tau (one trajectory, snapshots
-at each tau), then for each tau and level L = 0..levels train m^(L) . start (see
+at each tau); then level by level, for each replicate and tau, train m^(L) . start (see
 :mod:`fastimp.imp.strategies`), evaluate, prune 1 - alpha of the remaining weights (magnitude or
-random) to get m^(L+1) and record ||w^(L) - m^(L+1) . w^(L)||. Every file is written atomically; a
-level is finished when its ``stats.json`` exists, so a rerun skips finished levels and an
-interrupted level resumes from its training checkpoint (bit-identical on the CPU).
+random) to get m^(L+1) and record ||w^(L) - m^(L+1) . w^(L)||. The trainings of a level (and the
+replicates' pre-trainings) run as one batched program (``config.batch_runs``,
+``fastimp.training.train_batched``); each keeps its own checkpoint. Every file is written
+atomically; a level is finished when its ``stats.json`` exists, so a rerun skips finished levels
+and an interrupted level resumes from its training checkpoints (bit-identical on the CPU).
 """
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -21,9 +22,10 @@ from fastimp._io import load_json, load_torch, save_json, save_torch
 from fastimp.imp.config import IMPConfig
 from fastimp.imp.folder import Run, collect_results, level_dir, load_run, rewind_dir
 from fastimp.imp.retraining import (DEFAULT_CHECKPOINT_EVERY, LevelTrainer, cpu_state,
-                                     float_or_none, load_dataset, resolve_device)
+                                     float_or_none, load_dataset, resolve_device, train_runs)
 from fastimp.imp.matching import summarize
 from fastimp.imp.strategies import PREVIOUS, level_plan
+from fastimp.training import NonFiniteLossError
 
 
 def projection_distance(model: torch.nn.Module, next_masks) -> float:
@@ -78,63 +80,101 @@ def write_results(folder: Path, config: IMPConfig, eps: Optional[float] = None):
     return rows, summary
 
 
-def _pretrain(ctx: LevelTrainer, folder: Path, rewind_steps: List[int]):
-    seed = ctx.seed
-    missing = [t for t in rewind_steps
-               if not (rewind_dir(folder, seed, t) / "rewind_state.pt").exists()]
-    if not missing:
+def _pretrain(ctxs: List[LevelTrainer], folder: Path, rewind_steps: List[int], batch_runs):
+    """w_0 and the rewind points w_tau of every replicate: one trajectory per replicate (dense,
+    from step 0), the replicates trained as one batched program, snapshots at each tau."""
+    jobs = []
+    for ctx in ctxs:
+        seed = ctx.seed
+        missing = [t for t in rewind_steps
+                   if not (rewind_dir(folder, seed, t) / "rewind_state.pt").exists()]
+        if not missing:
+            continue
+        for tau in missing:
+            if tau > ctx.total_steps:
+                raise ValueError(f"rewind_steps: {tau} is past the end of training "
+                                 f"(T = {ctx.total_steps} steps)")
+        model = ctx.build_model()
+        init = cpu_state(model)
+        save_torch(init, folder / f"seed_{seed}" / "init.pt")
+        if 0 in missing:
+            save_torch(init, rewind_dir(folder, seed, 0) / "rewind_state.pt")
+        end = max(missing)
+        if end == 0:
+            continue
+        ckpt = folder / f"seed_{seed}" / f"pretrain_to_{end}.checkpoint.pt"
+        for stale in ckpt.parent.glob("pretrain_to_*.checkpoint.pt"):
+            if stale != ckpt:  # an interrupted pre-training towards other rewind steps
+                stale.unlink()
+        jobs.append((ctx, model, end, set(missing), ckpt))
+    if not jobs:
         return
-    for tau in missing:
-        if tau > ctx.total_steps:
-            raise ValueError(f"rewind_steps: {tau} is past the end of training "
-                             f"(T = {ctx.total_steps} steps)")
-    model = ctx.build_model()
-    init = cpu_state(model)
-    save_torch(init, folder / f"seed_{seed}" / "init.pt")
-    if 0 in missing:
-        save_torch(init, rewind_dir(folder, seed, 0) / "rewind_state.pt")
-    end = max(missing)
-    if end == 0:
-        return
-    wanted = set(missing)
 
-    def snapshot(step, model, optimizer):
-        if step in wanted:
-            save_torch(cpu_state(model), rewind_dir(folder, seed, step) / "rewind_state.pt")
-    model.to(ctx.device)
-    ckpt = folder / f"seed_{seed}" / f"pretrain_to_{end}.checkpoint.pt"
-    for stale in ckpt.parent.glob("pretrain_to_*.checkpoint.pt"):
-        if stale != ckpt:  # an interrupted pre-training towards other rewind steps
-            stale.unlink()
-    ctx.train(model, None, 0, end, ckpt, extra_on_step=snapshot)
+    def snapshot(step, view):
+        for i in view.runs:
+            ctx, _, _, wanted, _ = jobs[i]
+            if step in wanted:
+                state = {k: v.to("cpu") for k, v in view.state_dict(i).items()}
+                save_torch(state, rewind_dir(folder, ctx.seed, step) / "rewind_state.pt")
+    try:
+        train_runs([j[0] for j in jobs], [j[1] for j in jobs], [None] * len(jobs),
+                   [0] * len(jobs), [j[2] for j in jobs], [j[4] for j in jobs], snapshot,
+                   batch_runs)
+    except NonFiniteLossError as exc:
+        ctx = jobs[exc.run or 0][0]
+        raise exc.located(f"pre-training of replicate {ctx.replicate} (seed {ctx.seed})") \
+            from None
 
 
-def _level(ctx: LevelTrainer, folder: Path, tau: int, level: int, replicate: int,
-           dense_stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+class _LevelJob:
+    """One (replicate, rewind step) at one level: its mask, start weights and plan."""
+
+    def __init__(self, ctx: LevelTrainer, folder: Path, tau: int, level: int):
+        from fastimp.masks import Masks
+        cfg = ctx.config
+        self.ctx, self.tau, self.level = ctx, tau, level
+        self.dir = d = level_dir(folder, ctx.seed, tau, level)
+        self.model = ctx.build_model()
+        if level == 0:
+            self.masks = Masks.ones(self.model)
+            self.masks.save(d / "mask.pt")
+        elif (d / "mask.pt").exists():
+            self.masks = Masks.load(d / "mask.pt")
+        else:  # the previous level finished before its next mask was written
+            raise FileNotFoundError(f"{d / 'mask.pt'} is missing; delete "
+                                    f"{level_dir(folder, ctx.seed, tau, level - 1)} and rerun")
+        self.plan = level_plan(cfg.strategy, level, tau, ctx.total_steps)
+        if self.plan.start == PREVIOUS:
+            start = load_torch(level_dir(folder, ctx.seed, tau, level - 1) / "solution.pt")
+        else:
+            start = load_torch(rewind_dir(folder, ctx.seed, tau) / "rewind_state.pt")
+        self.model.load_state_dict(start)
+        self.model.to(ctx.device)
+        self.masks_dev = self.masks.to(ctx.device)
+
+    def where(self) -> str:
+        return (f"level {self.level}, rewind step {self.tau}, replicate {self.ctx.replicate} "
+                f"(seed {self.ctx.seed})")
+
+
+def _train_level(jobs: List[_LevelJob], batch_runs, on_run_end) -> None:
+    """Train the level of every job as one batched program; each keeps its checkpoint file and
+    is finished (``on_run_end(i, result)``) as soon as its training ends."""
+    try:
+        train_runs([j.ctx for j in jobs], [j.model for j in jobs], [j.masks_dev for j in jobs],
+                   [j.plan.start_step for j in jobs], [j.plan.end_step for j in jobs],
+                   [j.dir / "checkpoint.pt" for j in jobs], batch_runs=batch_runs,
+                   on_run_end=on_run_end)
+    except NonFiniteLossError as exc:
+        raise exc.located(jobs[exc.run or 0].where()) from None
+
+
+def _finish_level(job: _LevelJob, folder: Path, result,
+                  dense_stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Evaluate, save the solution and losses, prune to the next mask, write stats.json."""
     from fastimp import training
-    from fastimp.masks import Masks
-    cfg = ctx.config
-    d = level_dir(folder, ctx.seed, tau, level)
-    model = ctx.build_model()
-    if level == 0:
-        masks = Masks.ones(model)
-        masks.save(d / "mask.pt")
-    elif (d / "mask.pt").exists():
-        masks = Masks.load(d / "mask.pt")
-    else:  # the previous level finished before its next mask was written
-        raise FileNotFoundError(f"{d / 'mask.pt'} is missing; delete "
-                                f"{level_dir(folder, ctx.seed, tau, level - 1)} and rerun")
-    plan = level_plan(cfg.strategy, level, tau, ctx.total_steps)
-    if plan.start == PREVIOUS:
-        start = load_torch(level_dir(folder, ctx.seed, tau, level - 1) / "solution.pt")
-    else:
-        start = load_torch(rewind_dir(folder, ctx.seed, tau) / "rewind_state.pt")
-    model.load_state_dict(start)
-    model.to(ctx.device)
-    masks_dev = masks.to(ctx.device)
-    t0 = time.perf_counter()
-    result = ctx.train(model, masks_dev, plan.start_step, plan.end_step, d / "checkpoint.pt")
-    seconds = time.perf_counter() - t0
+    ctx, cfg, tau, level, model = job.ctx, job.ctx.config, job.tau, job.level, job.model
+    masks, masks_dev, plan, d = job.masks, job.masks_dev, job.plan, job.dir
     test_error, test_loss = training.evaluate(model, ctx.test_loader)
     save_torch(cpu_state(model), d / "solution.pt")
     save_torch(result.losses.detach().cpu(), d / "losses.pt")
@@ -156,7 +196,7 @@ def _level(ctx: LevelTrainer, folder: Path, tau: int, level: int, replicate: int
 
     remaining, total = int(masks.remaining()), int(masks.total())
     stats = {
-        "level": level, "rewind_step": tau, "seed": ctx.seed, "replicate": replicate,
+        "level": level, "rewind_step": tau, "seed": ctx.seed, "replicate": ctx.replicate,
         "strategy": cfg.strategy, "pruning": cfg.pruning,
         "weights_remaining": remaining / total if total else 1.0,
         "remaining": remaining, "total": total,
@@ -168,7 +208,7 @@ def _level(ctx: LevelTrainer, folder: Path, tau: int, level: int, replicate: int
         "next_pruning_fraction": fraction,
         "next_weights_remaining": int(next_masks.remaining()) / total if total else 1.0,
         "start_step": plan.start_step, "end_step": plan.end_step,
-        "start": plan.start, "seconds": seconds,
+        "start": plan.start, "seconds": result.seconds,
     }
     save_json(stats, d / "stats.json")
     return stats
@@ -234,35 +274,52 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps, dataset=None):
+    """Level by level: all replicates x rewind steps of a level train as one batched program
+    (``config.batch_runs``), then each is evaluated and pruned; finished levels are skipped."""
     dataset = dataset if dataset is not None else load_dataset(config, device=device)
-    seeds = config.replicate_seeds
-    todo = len(seeds) * len(config.rewind_steps) * (config.levels + 1)
+    ctxs = []
+    for seed in config.replicate_seeds:
+        ctx = LevelTrainer(config, seed, device, dataset, on_step, False, checkpoint_every)
+        ctx.replicate = merged.replicate_seeds.index(seed)
+        ctx.progress = progress and ctx.total_steps > 2000  # a bar per training when long
+        ctxs.append(ctx)
+    runs = [(ctx, tau) for ctx in ctxs for tau in config.rewind_steps]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=todo, desc=f"IMP-{config.strategy.upper()} {config.model}", unit="level")
+        n_runs = len(runs)
+        bar = tqdm(total=n_runs * (config.levels + 1), unit="training",
+                   desc=f"IMP-{config.strategy.upper()} {config.model}: {config.levels + 1} "
+                        f"levels x {n_runs} run{'s' if n_runs > 1 else ''}")
     try:
-        for seed in seeds:
-            replicate = merged.replicate_seeds.index(seed)
-            ctx = LevelTrainer(config, seed, device, dataset, on_step, False, checkpoint_every)
-            ctx.progress = progress and ctx.total_steps > 2000  # a bar per level when long
-            _pretrain(ctx, folder, config.rewind_steps)
-            for tau in config.rewind_steps:
-                dense_stats = None
-                for level in range(config.levels + 1):
-                    d = level_dir(folder, seed, tau, level)
-                    if (d / "stats.json").exists():
-                        stats = load_json(d / "stats.json")
-                    else:
-                        stats = _level(ctx, folder, tau, level, replicate, dense_stats)
-                        write_results(folder, merged, eps=eps)
-                    if level == 0:
-                        dense_stats = stats
-                    if bar is not None:
-                        bar.set_postfix(seed=seed, rewind=tau, level=level,
-                                        err=f"{stats['test_error']:.3f}",
-                                        left=f"{stats['weights_remaining']:.3f}")
-                        bar.update(1)
+        _pretrain(ctxs, folder, config.rewind_steps, config.batch_runs)
+        for level in range(config.levels + 1):
+            todo = []
+            for ctx, tau in runs:
+                stats_path = level_dir(folder, ctx.seed, tau, level) / "stats.json"
+                if stats_path.exists():
+                    _advance(bar, level, config.levels, load_json(stats_path))
+                else:
+                    todo.append(_LevelJob(ctx, folder, tau, level))
+            if not todo:
+                continue
+
+            def finish(i, result, todo=todo, level=level):
+                job = todo[i]
+                dense = None if level == 0 else load_json(
+                    level_dir(folder, job.ctx.seed, job.tau, 0) / "stats.json")
+                stats = _finish_level(job, folder, result, dense)
+                write_results(folder, merged, eps=eps)
+                _advance(bar, level, config.levels, stats)
+            _train_level(todo, config.batch_runs, finish)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _advance(bar, level: int, levels: int, stats: Dict[str, Any]) -> None:
+    if bar is not None:
+        bar.set_postfix(level=f"{level}/{levels}", seed=stats["seed"],
+                        rewind=stats["rewind_step"], err=f"{stats['test_error']:.3f}",
+                        left=f"{stats['weights_remaining']:.3f}")
+        bar.update(1)

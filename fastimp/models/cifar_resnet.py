@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from ..batched.pack import pad_channels, register_packer
 from .init import kaiming_init_
 from .registry import register
 
@@ -19,6 +20,23 @@ class _ShortcutA(nn.Module):
     def forward(self, x):
         x = x[:, :, ::2, ::2]
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class _PackedShortcutA(nn.Module):
+    """Option A for N runs packed along the channels (``fastimp.batched``): pads each run's."""
+
+    def __init__(self, n: int, extra: int):
+        super().__init__()
+        self.n, self.extra = n, extra
+
+    def forward(self, x):
+        return pad_channels(x[:, :, ::2, ::2], self.n, self.extra // 2,
+                            self.extra - self.extra // 2)
+
+
+@register_packer(_ShortcutA)
+def _pack_shortcut_a(mods, n):
+    return _PackedShortcutA(n, mods[0].extra)
 
 
 class BasicBlock(nn.Module):

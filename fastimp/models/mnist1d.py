@@ -28,6 +28,7 @@ class ConvNet1d(nn.Module):
 
     def __init__(self, length: int = 40, channels: int = 32, num_classes: int = 10):
         super().__init__()
+        self.length = length
         self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
         self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
         self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
@@ -38,7 +39,7 @@ class ConvNet1d(nn.Module):
         kaiming_init_(self)
 
     def forward(self, x):
-        x = x.reshape(x.shape[0], 1, -1)
+        x = x.view(x.shape[0], -1, self.length)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         x = F.relu(self.conv3(x))

@@ -1,0 +1,336 @@
+"""Many runs, one program (issue 13): N independent trainings batched against N trained one at a
+time.
+
+- Dispatched aten ops per run-step (a ``TorchDispatchMode`` that counts every op reaching the
+  kernels: the CPU-measurable proxy of GPU launch cost), data path included: separate runs (each
+  ``Loader.batch`` + forward, backward, MaskedSGD) against packing (``fastimp.batched``: one
+  ``BatchedLoader`` gather + augmentation, one forward/backward of the packed module, one fused
+  MaskedSGD step) and against ``torch.func`` vmap over stacked parameters (the alternative
+  design, measured here to justify the choice).
+- CPU wall time per run-step: ``train`` run after run against ``train_batched`` packed, and what
+  ``batching="auto"`` picks.
+- The mnist1d preset's IMP end to end: ``batch_runs=1`` (runs one after another) against the
+  default.
+
+``gpu_check(device, runs, batch_size, steps)`` is the GPU measurement (run-steps per second of
+12 ResNet-20 runs: eager one at a time, packed, packed + CUDA graph, fp32 and bf16, and the
+packed + graph step's equality with the eager one); ``benchmarks/gpu_check.py`` calls it.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.common import Table, sync
+
+MODELS = {
+    # name: (model, kwargs, dataset kwargs, batch size)
+    "ResNet-20": ("cifar_resnet_20", {}, dict(shape=(3, 32, 32), num_classes=10), 128),
+    "MNIST-1D conv": ("mnist1d_conv", {}, dict(shape=(40,), num_classes=10,
+                                               dtype=torch.float32), 100),
+    "MNIST-1D MLP": ("mnist1d_mlp", {}, dict(shape=(40,), num_classes=10,
+                                             dtype=torch.float32), 100),
+}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (``.n``; ``.ops`` per op name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+        self.ops: Dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        name = str(func)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _setup(key: str, runs: int, device, train_size: int = 2048, batch=None):
+    from fastimp import data, models
+    from fastimp.training import TrainConfig
+    name, kw, dkw, default_batch = MODELS[key]
+    batch = batch or default_batch
+    ds = data.get("synthetic", train_size=train_size, test_size=16, device=str(device), **dkw)
+    cfg = TrainConfig(steps=10 ** 6, batch_size=batch, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                      milestones=())
+    loaders = [ds.loader("train", batch, seed=s) for s in range(runs)]
+    ms = [models.get(name, num_classes=10, seed=s, **kw).to(device) for s in range(runs)]
+    g = torch.Generator().manual_seed(0)
+    from fastimp.masks import prunable
+    masks = [{n: (torch.rand(p.shape, generator=g) < 0.5).to(device)
+              for n, p in prunable(m).items()} for m in ms]
+    return ds, cfg, loaders, ms, masks
+
+
+def _separate_step(ms, opts, loaders):
+    from fastimp.training import _sgd_step
+    state = {"step": 0}
+
+    def step():
+        s = state["step"]
+        for m, opt, ld in zip(ms, opts, loaders):
+            x, y = ld.batch(s)
+            _sgd_step(m, opt, x, y)
+        state["step"] = s + 1
+    return step
+
+
+def _packed_step(ms, masks, loaders, cfg, device, precision="fp32"):
+    from fastimp.batched.engine import EagerStep, _Run, _packed_optimizer
+    from fastimp.batched.pack import pack
+    from fastimp.data import BatchedLoader
+    from fastimp.training import make_optimizer
+    runs = [_Run(i, m, cfg, ld, mk, make_optimizer(m, cfg, mk), 0, 0, 0, None, None)
+            for i, (m, ld, mk) in enumerate(zip(ms, loaders, masks))]
+    module = pack(ms) if len(ms) > 1 else ms[0]
+    opt = _packed_optimizer(module, runs) if len(ms) > 1 else runs[0].optimizer
+    module.train()
+    bl = BatchedLoader(loaders)
+    step_fn = EagerStep(module, opt, len(ms), bl.batch_size, device, precision)
+    state = {"step": 0}
+
+    def step():
+        s = state["step"]
+        x, y = bl.batch(s)
+        step_fn(x, y, cfg.lr)
+        state["step"] = s + 1
+    return step, module, opt, bl, step_fn
+
+
+def _vmap_step(ms, masks, loaders, cfg):
+    """The alternative design: torch.func.functional_call + vmap over stacked parameters and
+    buffers (BN statistics stacked too), MaskedSGD over the stacked tensors."""
+    from torch.func import functional_call, stack_module_state, vmap
+    from fastimp.data import BatchedLoader
+    from fastimp.optim import MaskedSGD
+    params, buffers = stack_module_state(ms)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    base = copy.deepcopy(ms[0]).to("meta")
+    fwd = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, 1))
+    stacked_masks = {params[n]: torch.stack([m[n] for m in masks]) for n in masks[0]}
+    opt = MaskedSGD(list(params.values()), lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, masks=stacked_masks)
+    bl = BatchedLoader(loaders)
+    n = len(ms)
+    state = {"step": 0}
+
+    def step():
+        s = state["step"]
+        x, y = bl.batch(s)                                   # [b, n, ...]
+        out = fwd(params, buffers, x)                        # [n, b, K]
+        ce = F.cross_entropy(out.flatten(0, 1), y.t().reshape(-1), reduction="none")
+        loss = ce.view(n, -1).mean(1).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] = s + 1
+    return step
+
+
+def _count(step) -> int:
+    step()  # warm-up: buffers created, epoch plans drawn
+    c = CountOps()
+    with c:
+        step()
+    return c.n
+
+
+class CountTable(Table):
+    """A Table of op counts (in ``Row.seconds``): 'ops per run-step' and 'x fewer than'."""
+    value_name = "ops per run-step"
+    ratio_name = "fewer ops vs"
+    ratio_word = "fewer than"
+
+    def fmt(self, value: float) -> str:
+        return f"{value:.1f}"
+
+
+def dispatch_table(device="cpu", counts=(1, 4, 12)) -> Table:
+    """Ops per run-step (``Table.seconds`` holds the count)."""
+    from fastimp.training import make_optimizer
+    t = CountTable(f"dispatched aten ops per run-step, data path included ({device})")
+    sep_name = "separate runs (Loader.batch + step, each)"
+    for key in ("ResNet-20", "MNIST-1D conv"):
+        for n in counts:
+            _, cfg, loaders, ms, masks = _setup(key, n, device, train_size=512)
+            sep_ms = [copy.deepcopy(m) for m in ms]
+            opts = [make_optimizer(m, cfg, mk) for m, mk in zip(sep_ms, masks)]
+            sep = _count(_separate_step(sep_ms, opts, loaders)) / n
+            packed = _count(_packed_step([copy.deepcopy(m) for m in ms], masks, loaders, cfg,
+                                         device)[0]) / n
+            vm = _count(_vmap_step([copy.deepcopy(m) for m in ms], masks, loaders, cfg)) / n
+            case = f"{key}, batch {MODELS[key][3]}, {n} run{'s' if n > 1 else ''}"
+            t.add(case, sep_name, sep)
+            t.add(case, "packed (fastimp.batched)", packed, baseline=sep_name)
+            t.add(case, "torch.func vmap over stacked params", vm, baseline=sep_name)
+    return t
+
+
+def _wall(key: str, n: int, steps: int, device) -> Dict[str, float]:
+    """Seconds per run-step: train() run after run, train_batched packed, and auto."""
+    from fastimp.batched.engine import batching_pays
+    from fastimp.training import train, train_batched
+    _, cfg, loaders, ms, masks = _setup(key, n, device)
+    cfg = cfg.replace(steps=steps + 2)
+    out = {}
+    best = {"separate": float("inf"), "packed": float("inf")}
+    for _ in range(2):  # alternate, keep the best of each: the machine is shared
+        models_ = [copy.deepcopy(m) for m in ms]
+        for m, ld, mk in zip(models_, loaders, masks):
+            train(m, cfg, ld, mk, end_step=2, progress=False)
+        sync(device)
+        t0 = time.perf_counter()
+        for m, ld, mk in zip(models_, loaders, masks):
+            train(m, cfg, ld, mk, start_step=2, progress=False)
+        sync(device)
+        best["separate"] = min(best["separate"], (time.perf_counter() - t0) / (steps * n))
+        if n > 1:
+            models_ = [copy.deepcopy(m) for m in ms]
+            train_batched(models_, cfg, loaders, masks, end_step=2, progress=False,
+                          batching="packed")
+            sync(device)
+            t0 = time.perf_counter()
+            train_batched(models_, cfg, loaders, masks, start_step=2, progress=False,
+                          batching="packed")
+            sync(device)
+            best["packed"] = min(best["packed"], (time.perf_counter() - t0) / (steps * n))
+    out.update(best)
+    x = loaders[0].batch(0)[0][:2]
+    out["auto"] = "packed" if n > 1 and batching_pays(ms[0], x, loaders[0].batch_size,
+                                                      device) else "loop"
+    return out
+
+
+def wall_table(device="cpu", quick=False) -> Table:
+    t = Table(f"CPU wall time per run-step: train() run after run vs train_batched, {device}, "
+              f"{torch.get_num_threads()} thread(s)")
+    plan = [("MNIST-1D conv", n, 30 if quick else 150) for n in (1, 4, 12)] + \
+        [("MNIST-1D MLP", n, 30 if quick else 150) for n in (4, 12)] + \
+        [("ResNet-20", n, 2 if quick else 3) for n in (1, 4)]
+    for key, n, steps in plan:
+        r = _wall(key, n, steps, device)
+        case = f"{key}, batch {MODELS[key][3]}, {n} run{'s' if n > 1 else ''}"
+        t.add(case, "separate: train() per run", r["separate"])
+        if n > 1:
+            auto = r["auto"]
+            t.add(case, "packed: train_batched" + (" (auto)" if auto == "packed" else ""),
+                  r["packed"], baseline="separate: train() per run",
+                  extra="auto picks the loop" if auto == "loop" else "")
+    return t
+
+
+def imp_table(quick=False) -> Table:
+    """The mnist1d preset's IMP end to end (quick: 4 levels), batch_runs=1 vs the default."""
+    import tempfile
+    from fastimp import imp, presets
+    cfg = presets.get("mnist1d")
+    if quick:
+        cfg = cfg.replace(levels=3)
+    t = Table(f"IMP end to end: mnist1d preset ({cfg.levels + 1} levels x {cfg.replicates} "
+              f"replicates, {cfg.train.steps} steps, threads={cfg.threads}), cpu")
+    times = {1: float("inf"), "auto": float("inf")}
+    for _ in range(1 if not quick else 1):
+        for br in (1, "auto"):
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                imp.run(cfg.replace(batch_runs=br), d, progress=False)
+                times[br] = min(times[br], time.perf_counter() - t0)
+    t.add("whole run", "batch_runs=1 (one training after another)", times[1])
+    t.add("whole run", "batch_runs='auto' (default: a level's 3 runs packed)", times["auto"],
+          baseline="batch_runs=1 (one training after another)")
+    return t
+
+
+def tables(device, quick: bool) -> List[Table]:
+    device = str(device)
+    out = [dispatch_table(device)]
+    if torch.device(device).type == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            out.append(wall_table(device, quick))
+            out.append(imp_table(quick))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        out.append(gpu_table(gpu_check(device)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def gpu_check(device="cuda", runs: int = 12, batch_size: int = 128, steps: int = 30,
+              model: str = "cifar_resnet_20") -> Dict[str, object]:
+    """Run-steps per second of ``runs`` ResNet-20 runs (CIFAR-shaped synthetic data, batch
+    ``batch_size``, 50% random masks, data on the device) trained for ``steps`` steps: eager one
+    at a time, packed, packed + CUDA graph, in fp32 and bf16; plus the packed + graph step's
+    equality with the packed eager step (max relative weight difference after ``steps`` steps,
+    same start) and the amortised time of a full 62,400-step training per run. Returns a dict;
+    ``gpu_table(result)`` renders it."""
+    from fastimp.batched import graph as G
+    from fastimp.training import make_optimizer
+    device = torch.device(device)
+    key = {"cifar_resnet_20": "ResNet-20"}.get(model, model)
+    _, cfg, loaders, ms, masks = _setup(key, runs, device, train_size=max(4096, batch_size * 8),
+                                        batch=batch_size)
+    res: Dict[str, object] = {"device": torch.cuda.get_device_name(device), "runs": runs,
+                              "batch_size": batch_size, "steps": steps,
+                              "optimizer_in_graph": G.optimizer_capturable(device, cfg.backend)}
+
+    def rate(step, warm=5):
+        for _ in range(warm):
+            step()
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        return runs * steps / (time.perf_counter() - t0)
+
+    sep = [copy.deepcopy(m) for m in ms]
+    res["eager_loop"] = rate(_separate_step(sep, [make_optimizer(m, cfg, mk) for m, mk in
+                                                  zip(sep, masks)], loaders))
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        for graph in (False, True):
+            models_ = [copy.deepcopy(m) for m in ms]
+            step, module, opt, bl, eager = _packed_step(models_, masks, loaders, cfg, device,
+                                                        precision)
+            if graph:
+                gs = G.GraphStep(eager, G.new_graph(device), res["optimizer_in_graph"])
+                state = {"s": 0}
+
+                def step(gs=gs, bl=bl, state=state):
+                    x, y = bl.batch(state["s"])
+                    gs(x, y, cfg.lr)
+                    state["s"] += 1
+            label = f"packed{' + graph' if graph else ''} {precision}"
+            res[label] = rate(step)
+            finals[label] = [p.detach().clone() for p in module.parameters()]
+    for precision in ("fp32", "bf16"):
+        a, b = finals[f"packed {precision}"], finals[f"packed + graph {precision}"]
+        res[f"graph_vs_eager_max_rel_diff {precision}"] = max(
+            float((x - y).norm() / (x.norm() + 1e-12)) for x, y in zip(a, b))
+    best = max(v for k, v in res.items() if k.startswith("packed") and isinstance(v, float))
+    res["full_training_seconds_per_run"] = 62400 / best
+    res["speedup_vs_eager_loop"] = best / res["eager_loop"]
+    return res
+
+
+def gpu_table(res: Dict[str, object]) -> Table:
+    t = Table(f"GPU: {res['runs']} ResNet-20 runs, batch {res['batch_size']}, {res['device']} "
+              f"(optimizer in graph: {res['optimizer_in_graph']})")
+    base = "eager, one run at a time"
+    t.add("run-steps", base, 1 / float(res["eager_loop"]),
+          extra=f"{res['eager_loop']:.0f} run-steps/s")
+    for k, v in res.items():
+        if k.startswith("packed") and isinstance(v, float):
+            t.add("run-steps", k, 1 / v, baseline=base, extra=f"{v:.0f} run-steps/s")
+    return t
