@@ -176,6 +176,40 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, batch_runs):
     assert not any(p.name.endswith(".tmp") for p in folder.rglob("*"))
 
 
+def test_kill_between_two_batched_runs_finishing_resumes_bit_identical(tmp_path, monkeypatch):
+    """A level's runs train packed and are finished one by one: killed after the first, the
+    rerun trains the second again with the first as a companion resumed from its checkpoint."""
+    from fastimp.imp import runner
+    from fastimp.imp.folder import level_dir
+    cfg = tiny(levels=1, rewind_steps=[0, 3])
+    ref = imp.run(cfg, tmp_path / "ref", progress=False, checkpoint_every=5)
+
+    class Killed(Exception):
+        pass
+    real = runner._finish_level
+    done = []
+
+    def dying(job, *a, **kw):
+        out = real(job, *a, **kw)
+        done.append(job.level)
+        if done == [0, 0, 1]:
+            raise Killed
+        return out
+    monkeypatch.setattr(runner, "_finish_level", dying)
+    with pytest.raises(Killed):
+        imp.run(cfg, tmp_path / "run", progress=False, checkpoint_every=5)
+    monkeypatch.setattr(runner, "_finish_level", real)
+    folder = tmp_path / "run" / cfg.folder_name()
+    first = level_dir(folder, 0, 0, 1)
+    assert (first / "stats.json").exists() and (first / "checkpoint.pt").exists()
+    assert not (level_dir(folder, 0, 3, 1) / "stats.json").exists()
+    res = imp.run(cfg, tmp_path / "run", progress=False, checkpoint_every=5)
+    for tau in (0, 3):
+        for L in (0, 1):
+            assert _states_equal(res.solution(L, tau), ref.solution(L, tau))
+    assert not any(p.name == "checkpoint.pt" for p in folder.rglob("*"))
+
+
 def test_rerun_skips_finished_work_and_extends(tmp_path, record_train):
     cfg = tiny(levels=1)
     imp.run(cfg, tmp_path, progress=False)

@@ -183,15 +183,16 @@ def test_recomputed_result_that_differs_is_refused(copy, capsys, monkeypatch):
     out, folder = copy
     _truncate(folder / L1 / "solution.pt")
     mask2 = (folder / L1.parent / "level_2" / "mask.pt").read_bytes()
-    real = training.train
+    real = training.train_batched  # every IMP training goes through it
 
-    def noisy(model, *a, **kw):
-        result = real(model, *a, **kw)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + 0.5 * torch.rand_like(p))
-        return result
-    monkeypatch.setattr(training, "train", noisy)
+    def noisy(models, *a, on_run_end=None, **kw):
+        def perturbed(i, result):
+            with torch.no_grad():
+                for p in models[i].parameters():
+                    p.mul_(1 + 0.5 * torch.rand_like(p))
+            on_run_end(i, result)
+        return real(models, *a, on_run_end=perturbed, **kw)
+    monkeypatch.setattr(training, "train_batched", noisy)
     assert _imp(out) == 2
     line = _one_line_error(capsys.readouterr().err, "level_2")
     assert "delete" in line and "not bit-reproducible" in line

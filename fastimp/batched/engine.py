@@ -219,9 +219,9 @@ def _per_run(value, n: int, name: str, is_one: Callable[[Any], bool]) -> list:
 
 def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None, *,
                   on_step=None, checkpoint=None, progress: bool = True, eval_data=None,
-                  on_run_end=None, batching: str = "auto", max_batch_runs: Optional[int] = None,
-                  cuda_graph: bool = False, precision: str = "fp32",
-                  channels_last: bool = False) -> List[Any]:
+                  on_run_end=None, companions=None, batching: str = "auto",
+                  max_batch_runs: Optional[int] = None, cuda_graph: bool = False,
+                  precision: str = "fp32", channels_last: bool = False) -> List[Any]:
     """Train ``models`` (N independent runs, in place) as one program -> ``list[TrainResult]``.
 
     ``cfg``: a TrainConfig, or one per run differing only in ``init_seed`` / ``data_seed``.
@@ -230,8 +230,12 @@ def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None,
     None or one ``Checkpoint`` (or None) per run, each in ``train``'s format. ``eval_data``:
     evaluated on every run at the end. ``on_step(step, view)``: after every global step, with a
     :class:`RunsView`. ``on_run_end(i, result)``: as soon as run ``i`` has finished (its model
-    holds its final weights), before the others; its checkpoint is removed once it returns
-    (without ``on_run_end``, checkpoints stay until the whole program is done).
+    holds its final weights). Checkpoints are removed when the runs packed with them are all done
+    (a run that ends before the others first writes a final one, unless ``on_run_end`` took its
+    result), so a killed program resumes every run of it where it was.
+    ``companions``: None or one bool per run; a companion only keeps the others company: packed,
+    it is trained so that the others train in the very batch they were first trained in (a
+    bit-identical recomputation); in a loop it is skipped (its result is None).
 
     ``batching``: ``"packed"`` (one wide module), ``"loop"`` (``train`` run after run: today's
     results bit for bit) or ``"auto"`` (packed on a GPU; on the CPU where it pays,
@@ -275,6 +279,7 @@ def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None,
     starts = _per_run(start_step, n, "start_step", lambda v: isinstance(v, int))
     ends = _per_run(end_step, n, "end_step", lambda v: v is None or isinstance(v, int))
     ckpts = _per_run(checkpoint, n, "checkpoint", lambda v: v is None)
+    company = [bool(c) for c in _per_run(companions, n, "companions", lambda v: v is None)]
     for ck in ckpts:
         if ck is not None and not isinstance(ck, _tr.Checkpoint):
             raise TypeError("train_batched: checkpoint must be None or a list of "
@@ -300,18 +305,18 @@ def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None,
         mode = _packable(models, loaders, masks, ranges, device, batching)
     if mode == "loop" and plain:
         return _loop(models, cfgs, loaders, masks, ranges, ckpts, on_step, progress, eval_data,
-                     on_run_end)
+                     on_run_end, company)
 
     t0 = time.perf_counter()
+    todo = [i for i in range(n) if mode == "packed" or not company[i]]
     runs = [_make_run(i, models[i], cfgs[i], loaders[i], masks[i], ranges[i], ckpts[i], ipe,
-                      device) for i in range(n)]
+                      device) for i in todo]
     if mode == "loop":  # one run at a time, with the step's options (graph, bf16, ...)
         limit = 1
     else:
         limit = max_batch_runs or runs_that_fit(
             models[0], loaders[0].batch(ranges[0][0])[0][:2], loaders[0].batch_size, device,
             cfgs[0].momentum != 0)
-    order = sorted(runs, key=lambda r: (r.step, r.end, r.index))
     opts = dict(precision=precision, channels_last=channels_last, cuda_graph=cuda_graph)
     results: Dict[int, Any] = {}
 
@@ -323,15 +328,14 @@ def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None,
         results[r.index] = res
         if on_run_end is not None:
             on_run_end(r.index, res)
+    for i in range(0, len(runs), limit):  # chunks in the callers' order: the same every time
+        chunk = runs[i:i + limit]
+        _program(chunk, ipe, device, on_step, progress, opts, models, finished,
+                 save_done=on_run_end is None)
+        for r in chunk:
             if r.checkpoint is not None and not r.checkpoint.keep:
                 r.checkpoint.remove()
-    for i in range(0, n, limit):
-        _program(order[i:i + limit], ipe, device, on_step, progress, opts, models, finished,
-                 save_done=on_run_end is None)
-    for r in runs:
-        if r.checkpoint is not None and not r.checkpoint.keep:
-            r.checkpoint.remove()
-    return [results[i] for i in range(n)]
+    return [results.get(i) for i in range(n)]
 
 
 def _packable(models, loaders, masks, ranges, device, batching) -> str:
@@ -355,16 +359,19 @@ def _packable(models, loaders, masks, ranges, device, batching) -> str:
 
 
 def _loop(models, cfgs, loaders, masks, ranges, ckpts, on_step, progress, eval_data,
-          on_run_end):
+          on_run_end, company):
     results = []
     for i, model in enumerate(models):
+        if company[i]:
+            results.append(None)
+            continue
         cb = None
         if on_step is not None:
             def cb(step, m, opt, i=i):
                 on_step(step, RunsView([i], m, opt, lambda: None, models))
-        results.append(_tr.train(model, cfgs[i], loaders[i], masks[i], ranges[i][0],
-                                 ranges[i][1], on_step=cb, checkpoint=ckpts[i],
-                                 progress=progress, eval_data=eval_data))
+        results.append(_tr.train(model, cfgs[i], loaders[i], masks=masks[i],
+                                 start_step=ranges[i][0], end_step=ranges[i][1], on_step=cb,
+                                 checkpoint=ckpts[i], progress=progress, eval_data=eval_data))
         if on_run_end is not None:
             on_run_end(i, results[-1])
     return results

@@ -90,14 +90,15 @@ def batching_options(batch_runs) -> Dict:
 
 
 def train_runs(ctxs: Sequence["LevelTrainer"], models, masks, starts, ends,
-               checkpoint_paths=None, extra_on_step=None, batch_runs="auto", on_run_end=None):
+               checkpoint_paths=None, extra_on_step=None, batch_runs="auto", on_run_end=None,
+               companions=None):
     """Train run ``i`` (replicate ``ctxs[i]``: its config, loader, seeds) from ``models[i]``
     under ``masks[i]`` over steps ``[starts[i], ends[i])``, all as one batched program
     (``fastimp.training.train_batched``) -> list of TrainResult. ``extra_on_step(step, view)``
     sees every step; the replicates' own ``on_step(step, model, optimizer)`` gets the packed
     module and optimizer (or the run's own, when trained alone). Each run keeps its own
     checkpoint file (``checkpoint_paths[i]``), resumable on its own; ``on_run_end(i, result)``
-    as soon as run ``i`` is done."""
+    as soon as run ``i`` is done; ``companions``: see ``train_batched``."""
     from fastimp import training
     user = ctxs[0].on_step
     callbacks = extra_on_step is not None or user is not None
@@ -114,7 +115,7 @@ def train_runs(ctxs: Sequence["LevelTrainer"], models, masks, starts, ends,
         list(models), [c.train_config(s) for c, s in zip(ctxs, starts)],
         [c.loader for c in ctxs], list(masks),
         list(starts), list(ends), on_step=on_step if callbacks else None, checkpoint=ckpts,
-        progress=any(c.progress for c in ctxs), on_run_end=on_run_end,
+        progress=any(c.progress for c in ctxs), on_run_end=on_run_end, companions=companions,
         **batching_options(batch_runs))
 
 

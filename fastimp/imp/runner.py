@@ -80,15 +80,20 @@ def write_results(folder: Path, config: IMPConfig, eps: Optional[float] = None):
     return rows, summary
 
 
-def _pretrain(ctxs: List[LevelTrainer], folder: Path, rewind_steps: List[int], batch_runs):
+def _pretrain(ctxs: List[LevelTrainer], folder: Path, rewind_steps: List[int], batch_runs,
+              recompute=()):
     """w_0 and the rewind points w_tau of every replicate: one trajectory per replicate (dense,
-    from step 0), the replicates trained as one batched program, snapshots at each tau."""
+    from step 0), the replicates trained as one batched program, snapshots at each tau. When a
+    bad rewind state is recomputed (``recompute``: its seeds), the other replicates train along
+    as companions, so that it comes out of the very batch it first came from."""
     jobs = []
     for ctx in ctxs:
         seed = ctx.seed
         missing = [t for t in rewind_steps
                    if not (rewind_dir(folder, seed, t) / "rewind_state.pt").exists()]
         if not missing:
+            for stale in (folder / f"seed_{seed}").glob("pretrain_to_*.checkpoint.pt"):
+                stale.unlink()  # left by a program killed after this replicate was done
             continue
         for tau in missing:
             if tau > ctx.total_steps:
@@ -102,40 +107,53 @@ def _pretrain(ctxs: List[LevelTrainer], folder: Path, rewind_steps: List[int], b
         end = max(missing)
         if end == 0:
             continue
-        ckpt = folder / f"seed_{seed}" / f"pretrain_to_{end}.checkpoint.pt"
-        for stale in ckpt.parent.glob("pretrain_to_*.checkpoint.pt"):
-            if stale != ckpt:  # an interrupted pre-training towards other rewind steps
-                stale.unlink()
-        jobs.append((ctx, model, end, set(missing), ckpt))
+        jobs.append((ctx, model, end, set(missing), _pretrain_checkpoint(folder, seed, end), False))
     if not jobs:
         return
+    if any(j[0].seed in recompute for j in jobs):
+        end = max(j[2] for j in jobs)
+        have = {j[0].seed for j in jobs}
+        jobs += [(ctx, ctx.build_model(), end, set(), _pretrain_checkpoint(folder, ctx.seed, end),
+                  True) for ctx in ctxs if ctx.seed not in have]
+        jobs.sort(key=lambda j: ctxs.index(j[0]))
 
     def snapshot(step, view):
         for i in view.runs:
-            ctx, _, _, wanted, _ = jobs[i]
+            ctx, _, _, wanted, _, _ = jobs[i]
             if step in wanted:
                 state = {k: v.to("cpu") for k, v in view.state_dict(i).items()}
                 save_torch(state, rewind_dir(folder, ctx.seed, step) / "rewind_state.pt")
     try:
         train_runs([j[0] for j in jobs], [j[1] for j in jobs], [None] * len(jobs),
                    [0] * len(jobs), [j[2] for j in jobs], [j[4] for j in jobs], snapshot,
-                   batch_runs)
+                   batch_runs, companions=[j[5] for j in jobs])
     except NonFiniteLossError as exc:
         ctx = jobs[exc.run or 0][0]
         raise exc.located(f"pre-training of replicate {ctx.replicate} (seed {ctx.seed})") \
             from None
 
 
-class _LevelJob:
-    """One (replicate, rewind step) at one level: its mask, start weights and plan."""
+def _pretrain_checkpoint(folder: Path, seed: int, end: int) -> Path:
+    ckpt = folder / f"seed_{seed}" / f"pretrain_to_{end}.checkpoint.pt"
+    for stale in ckpt.parent.glob("pretrain_to_*.checkpoint.pt"):
+        if stale != ckpt:  # an interrupted pre-training towards other rewind steps
+            stale.unlink()
+    return ckpt
 
-    def __init__(self, ctx: LevelTrainer, folder: Path, tau: int, level: int):
+
+class _LevelJob:
+    """One (replicate, rewind step) at one level: its mask, start weights and plan. A companion
+    (a finished level trained again only so that the others train in their first batch) writes
+    nothing but its checkpoints."""
+
+    def __init__(self, ctx: LevelTrainer, folder: Path, tau: int, level: int,
+                 companion: bool = False):
         from fastimp.masks import Masks
         cfg = ctx.config
-        self.ctx, self.tau, self.level = ctx, tau, level
+        self.ctx, self.tau, self.level, self.companion = ctx, tau, level, companion
         self.dir = d = level_dir(folder, ctx.seed, tau, level)
         self.model = ctx.build_model()
-        if level == 0:
+        if level == 0 and not companion:
             self.masks = Masks.ones(self.model)
             self.masks.save(d / "mask.pt")
         elif (d / "mask.pt").exists():
@@ -164,7 +182,7 @@ def _train_level(jobs: List[_LevelJob], batch_runs, on_run_end) -> None:
         train_runs([j.ctx for j in jobs], [j.model for j in jobs], [j.masks_dev for j in jobs],
                    [j.plan.start_step for j in jobs], [j.plan.end_step for j in jobs],
                    [j.dir / "checkpoint.pt" for j in jobs], batch_runs=batch_runs,
-                   on_run_end=on_run_end)
+                   on_run_end=on_run_end, companions=[j.companion for j in jobs])
     except NonFiniteLossError as exc:
         raise exc.located(jobs[exc.run or 0].where()) from None
 
@@ -255,7 +273,7 @@ def run(config: IMPConfig, out_dir, progress: bool = True, *,
             torch.set_num_threads(config.threads)
         try:
             _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps,
-                 dataset=plan.dataset)
+                 dataset=plan.dataset, repair=repair)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted at {verify.interrupted_at(folder, merged)}; "
                               "finished levels are kept and an unfinished one resumes from "
@@ -273,9 +291,11 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`run`; the message says where it stopped and how to resume."""
 
 
-def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps, dataset=None):
+def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps, dataset=None,
+         repair=None):
     """Level by level: all replicates x rewind steps of a level train as one batched program
-    (``config.batch_runs``), then each is evaluated and pruned; finished levels are skipped."""
+    (``config.batch_runs``), then each is evaluated and pruned; finished levels are skipped.
+    ``repair``: what ``verify.scan`` found to recompute (those retrain with their companions)."""
     dataset = dataset if dataset is not None else load_dataset(config, device=device)
     ctxs = []
     for seed in config.replicate_seeds:
@@ -292,29 +312,52 @@ def _run(config, merged, folder, device, progress, on_step, checkpoint_every, ep
                    desc=f"IMP-{config.strategy.upper()} {config.model}: {config.levels + 1} "
                         f"levels x {n_runs} run{'s' if n_runs > 1 else ''}")
     try:
-        _pretrain(ctxs, folder, config.rewind_steps, config.batch_runs)
+        _pretrain(ctxs, folder, config.rewind_steps, config.batch_runs,
+                  {seed for seed, _ in repair.rewind_states} if repair else ())
         for level in range(config.levels + 1):
-            todo = []
+            todo, done = [], []
             for ctx, tau in runs:
                 stats_path = level_dir(folder, ctx.seed, tau, level) / "stats.json"
                 if stats_path.exists():
                     _advance(bar, level, config.levels, load_json(stats_path))
+                    done.append((ctx, tau))
                 else:
-                    todo.append(_LevelJob(ctx, folder, tau, level))
-            if not todo:
+                    todo.append((ctx, tau))
+            jobs = _level_jobs(folder, level, runs, todo, done, repair)
+            if not any(not j.companion for j in jobs):
                 continue
 
-            def finish(i, result, todo=todo, level=level):
-                job = todo[i]
+            def finish(i, result, jobs=jobs, level=level):
+                job = jobs[i]
+                if job.companion:
+                    return
                 dense = None if level == 0 else load_json(
                     level_dir(folder, job.ctx.seed, job.tau, 0) / "stats.json")
                 stats = _finish_level(job, folder, result, dense)
                 write_results(folder, merged, eps=eps)
                 _advance(bar, level, config.levels, stats)
-            _train_level(todo, config.batch_runs, finish)
+            _train_level(jobs, config.batch_runs, finish)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _level_jobs(folder: Path, level: int, runs, todo, done, repair) -> List[_LevelJob]:
+    """The trainings of ``level``: every unfinished run, and as companions the finished runs it
+    was first batched with (so that it comes out bit-identical): all of the level's runs when
+    one is recomputed (``repair``), those whose checkpoint shows their program was killed after
+    they finished; in the runs' order. Checkpoints left in finished levels are removed."""
+    if not todo:
+        for ctx, tau in done:
+            (level_dir(folder, ctx.seed, tau, level) / "checkpoint.pt").unlink(missing_ok=True)
+        return []
+    recomputed = repair is not None and any((ctx.seed, tau, level) in repair.levels
+                                            for ctx, tau in todo)
+    company = {(ctx.seed, tau) for ctx, tau in done
+               if recomputed or (level_dir(folder, ctx.seed, tau, level) / "checkpoint.pt")
+               .exists()}
+    return [_LevelJob(ctx, folder, tau, level, companion=(ctx.seed, tau) in company)
+            for ctx, tau in runs if (ctx, tau) in todo or (ctx.seed, tau) in company]
 
 
 def _advance(bar, level: int, levels: int, stats: Dict[str, Any]) -> None:
