@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +199,13 @@ def _wall(key: str, n: int, steps: int, device) -> Dict[str, object]:
         variants["packed"] = batched("packed")
         if auto == "loop":
             variants["auto"] = batched("auto")
+    if n > 1:  # the alternative design, for the record
+        def vmapped(models_, start, end):
+            step = vmap_steps.setdefault(id(models_), _vmap_step(models_, masks, loaders, cfg))
+            for _ in range(start, end):
+                step()
+        vmap_steps: Dict[int, Callable] = {}
+        variants["vmap"] = vmapped
     best = {k: float("inf") for k in variants}
     for _ in range(2):  # alternate, keep the best of each: the machine is shared
         for name, fn in variants.items():
@@ -234,6 +241,8 @@ def wall_table(device="cpu", quick=False) -> Table:
             if not packed_auto:
                 t.add(case, "train_batched default (auto: a loop here)", r["auto seconds"],
                       baseline=base)
+            t.add(case, "torch.func vmap step (the alternative, not used)", r["vmap"],
+                  baseline=base)
     return t
 
 
@@ -290,18 +299,19 @@ def gpu_check(device="cuda", runs: int = 12, batch_size: int = 128, steps: int =
     key = {"cifar_resnet_20": "ResNet-20"}.get(model, model)
     _, cfg, loaders, ms, masks = _setup(key, runs, device, train_size=max(4096, batch_size * 8),
                                         batch=batch_size)
-    res: Dict[str, object] = {"device": torch.cuda.get_device_name(device), "runs": runs,
-                              "batch_size": batch_size, "steps": steps,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    res: Dict[str, object] = {"device": name, "runs": runs, "batch_size": batch_size,
+                              "steps": steps,
                               "optimizer_in_graph": G.optimizer_capturable(device, cfg.backend)}
 
     def rate(step, warm=5):
         for _ in range(warm):
             step()
-        torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        torch.cuda.synchronize(device)
+        sync(device)
         return runs * steps / (time.perf_counter() - t0)
 
     sep = [copy.deepcopy(m) for m in ms]
