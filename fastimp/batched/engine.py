@@ -138,15 +138,8 @@ class EagerStep:
 # ------------------------------------------------------------------------------------ choices
 def _free_bytes(device: torch.device) -> int:
     """Memory a batch of runs may take: 80% of the free GPU memory, half the available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return int(info.get("MemAvailable", 8 << 30) * 0.5)
-    except OSError:  # pragma: no cover - not Linux
-        return 4 << 30
+    from fastimp._memory import available_bytes
+    return int(available_bytes(device) * (0.8 if device.type == "cuda" else 0.5))
 
 
 def _probe(model: nn.Module, x: torch.Tensor):

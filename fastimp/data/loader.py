@@ -138,17 +138,11 @@ class Loader:
 
     def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) of global step ``step``."""
-        if self.iterations_per_epoch == 0:
-            raise ValueError(f"Loader: {self.num_examples} examples make no batch of "
-                             f"{self.batch_size} with drop_last=True")
-        epoch, i = divmod(int(step), self.iterations_per_epoch)
-        order, offsets, flips = self._epoch_plan(epoch)
-        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        idx = order[sl]
+        idx, offsets, flips = _step_plan(self, self._epoch_plan, step)
         x = self.x.index_select(0, idx)
         y = self.y.index_select(0, idx)
         if self.augment == "cifar":
-            x = random_crop_flip(x, offsets[sl], flips[sl], pad=_PAD)
+            x = random_crop_flip(x, offsets, flips, pad=_PAD)
         elif self.augment is not None:
             x = self.augment(x, torch.Generator().manual_seed(mix_seed(self.seed, 0xA07, step)))
         return self._normalize(x), y
@@ -328,18 +322,13 @@ class BatchedLoader:
             xs, ys = zip(*(ld.batch(step) for ld in self.loaders))
             return torch.stack(xs, 1), torch.stack(ys, 1)
         first = self.loaders[0]
-        if self.iterations_per_epoch == 0:
-            raise ValueError(f"Loader: {first.num_examples} examples make no batch of "
-                             f"{self.batch_size} with drop_last=True")
-        epoch, i = divmod(int(step), self.iterations_per_epoch)
-        order, offsets, flips = self._epoch_plan(epoch)
-        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        idx = order[sl].reshape(-1)                     # position-major: example b of run r
+        idx, offsets, flips = _step_plan(first, self._epoch_plan, step)
+        idx = idx.reshape(-1)                           # position-major: example b of run r
         b = idx.numel() // self.n
         x = first.x.index_select(0, idx)
         y = first.y.index_select(0, idx).view(b, self.n)
         if offsets is not None:
-            x = random_crop_flip(x, offsets[sl].reshape(-1, 2), flips[sl].reshape(-1), pad=_PAD)
+            x = random_crop_flip(x, offsets.reshape(-1, 2), flips.reshape(-1), pad=_PAD)
         x = first._normalize(x)
         return x.view(b, self.n, *x.shape[1:]), y
 
@@ -347,6 +336,20 @@ class BatchedLoader:
               end_step: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """The N runs' batches of global steps ``start_step, ...`` (until ``end_step``)."""
         return _steps(self.batch, start_step, end_step)
+
+
+def _step_plan(loader: "Loader", epoch_plan, step: int):
+    """The (order, crop offsets, flips) rows of global step ``step`` from ``epoch_plan(epoch)``
+    (rows of one run's plan, or of the N runs' stacked plans)."""
+    ipe, b = loader.iterations_per_epoch, loader.batch_size
+    if ipe == 0:
+        raise ValueError(f"Loader: {loader.num_examples} examples make no batch of {b} with "
+                         "drop_last=True")
+    epoch, i = divmod(int(step), ipe)
+    order, offsets, flips = epoch_plan(epoch)
+    sl = slice(i * b, (i + 1) * b)
+    return order[sl], None if offsets is None else offsets[sl], \
+        None if flips is None else flips[sl]
 
 
 def _steps(batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]], start_step: int,

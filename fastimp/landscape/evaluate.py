@@ -77,16 +77,10 @@ def _device_of(t: torch.Tensor, device):
 
 
 def _memory_budget(device: torch.device) -> int:
+    from fastimp._memory import available_bytes
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.6)
-    try:
-        with open("/proc/meminfo") as f:
-            info = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f}
-        avail = info.get("MemAvailable", 8 << 30)
-    except OSError:  # pragma: no cover - not Linux
-        avail = 8 << 30
-    return int(min(avail * 0.25, 2 << 30))  # CPU: stay small for the caches
+        return int(available_bytes(device) * 0.6)
+    return int(min(available_bytes(device) * 0.25, 2 << 30))  # CPU: stay small for the caches
 
 
 def _activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
