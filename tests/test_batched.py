@@ -302,12 +302,18 @@ def test_on_step_view_and_runs_with_different_windows():
         seen.append((step, list(view.runs)))
         if step == 6 and 1 in view.runs:
             snaps[1] = view.state_dict(1)
+        if step == 4:
+            snaps[0] = view.state_dict(0)
     res = train_batched(ms, cfg, loaders, start_step=[0, 4, 4], end_step=[10, 10, 6],
                         on_step=on_step, progress=False, batching="packed")
     assert seen[:4] == [(s, [0]) for s in range(1, 5)]
     assert seen[4:6] == [(5, [0, 1, 2]), (6, [0, 1, 2])]
     assert seen[6:] == [(s, [0, 1]) for s in range(7, 11)]
     assert [r.losses.numel() for r in res] == [10, 6, 2]
+    # steps [0, 4) took run 0 alone: its own model, as train() bit for bit
+    first = resnet(0)
+    train(first, cfg, loaders[0], end_step=4, progress=False)
+    assert all(torch.equal(snaps[0][k], v) for k, v in first.state_dict().items())
     # run 1 after step 6 = run 1 trained alone over [4, 6), float tolerance
     alone = resnet(1)
     train(alone, cfg, loaders[1], start_step=4, end_step=6, progress=False)

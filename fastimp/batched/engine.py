@@ -478,8 +478,7 @@ def _segment(active: List[_Run], a: int, b: int, ipe, device, on_step, bar, opts
             r.losses[a - r.start:upto - r.start] = seg_losses[:upto - a, j]
 
     view_runs = [r.index for r in active]
-    every = [r.checkpoint.every for r in active if r.checkpoint is not None]
-    save_every = min(every) if every else 0
+    saving = any(r.checkpoint is not None for r in active)
     step = a
     try:
         for x, y in loader.steps(a, b):
@@ -490,14 +489,13 @@ def _segment(active: List[_Run], a: int, b: int, ipe, device, on_step, bar, opts
             guard.after_step(step, per_run)
             if on_step is not None:
                 on_step(step, RunsView(view_runs, module, optimizer, sync, models))
-            if save_every and step < b and any(
-                    r.checkpoint is not None and step % r.checkpoint.every == 0 and step < r.end
-                    for r in active):
+            due = [r for r in active if saving and r.checkpoint is not None
+                   and step % r.checkpoint.every == 0 and step < r.end]
+            if due:
                 guard.flush(step)
                 sync(step)
-                for r in active:
-                    if r.checkpoint is not None and step % r.checkpoint.every == 0:
-                        _save(r, step, ipe, device)
+                for r in due:
+                    _save(r, step, ipe, device)
             if bar.due(step):
                 bar.update(step, f"{float(per_run.mean()):.4f}", lr_at(step - 1))
         guard.flush(b)
