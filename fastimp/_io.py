@@ -8,6 +8,8 @@ writer died (killed mid-write) from those still being written.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
@@ -27,6 +29,27 @@ STALE_AFTER_S = 3600.0
 
 _TMP_RE = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)\.)?"
                      r"(?P<rand>[A-Za-z0-9_]{8})\.tmp(?:\.[^.]*)?$")
+
+
+# False in the processes that must not write (the ranks other than 0 of a torch.distributed job
+# whose files rank 0 writes, ``fastimp.distributed.main_writes``): per context, not per process.
+_WRITES: "contextvars.ContextVar[bool]" = contextvars.ContextVar("fastimp_writes", default=True)
+
+
+def writes_enabled() -> bool:
+    """Whether :func:`atomic_write` writes in this context (see :func:`no_writes`)."""
+    return _WRITES.get()
+
+
+@contextlib.contextmanager
+def no_writes():
+    """Within it, :func:`atomic_write` (hence every fastimp writer) writes nothing and returns the
+    path: the ranks of a distributed job whose files another rank writes."""
+    token = _WRITES.set(False)
+    try:
+        yield
+    finally:
+        _WRITES.reset(token)
 
 
 def _host() -> str:
@@ -49,8 +72,11 @@ def _create_temp(path: Path) -> str:
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` on a temp path beside ``path`` (same suffix, so that writers that infer
-    the format from it, e.g. ``savefig``, work), then rename it to ``path``."""
+    the format from it, e.g. ``savefig``, work), then rename it to ``path``. Inside
+    :func:`no_writes` it writes nothing."""
     path = Path(path)
+    if not _WRITES.get():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
     try:

@@ -40,12 +40,23 @@ def load_data(run, split: str = "test", max_examples: Optional[int] = None,
     return out
 
 
+def split_over_ranks() -> bool:
+    """Whether the analyses run under torchrun with several ranks: then every rank calls them,
+    the landscape points and Hessian probes are split over the ranks and gathered, and rank 0
+    writes (``fastimp.distributed.main_writes``)."""
+    from fastimp import distributed
+    return distributed.active() and distributed.world_size() > 1
+
+
 def eval_kwargs(run, device, bn: str = "interpolate", bn_examples: Optional[int] = 2048,
                 chunk_size: Optional[int] = None) -> Dict[str, Any]:
-    """Keyword arguments of ``fastimp.landscape.evaluate`` for the BatchNorm mode asked."""
+    """Keyword arguments of ``fastimp.landscape.evaluate`` for the BatchNorm mode asked (and the
+    split of the points over the ranks under torchrun)."""
     if bn not in ("interpolate", "reset"):
         raise ValueError(f"bn: expected 'interpolate' or 'reset', got {bn!r}")
     kw: Dict[str, Any] = {"bn": bn, "device": device}
+    if split_over_ranks():
+        kw["distributed"] = True
     if chunk_size is not None:
         kw["chunk_size"] = chunk_size
     if bn == "reset":

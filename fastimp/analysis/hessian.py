@@ -103,7 +103,7 @@ def _one(run, level, tau, r, params, batch_size, sigma, device, log) -> Dict:
     data = run.train_data(batch_size=batch_size, device=device)
     hess = Hessian(model, F.cross_entropy, data, dict(masks), seed=params["seed"],
                    subset=params["subset"], probes_per_pass=params["probes_per_pass"],
-                   weight_decay=params["weight_decay"])
+                   weight_decay=params["weight_decay"], distributed=common.split_over_ranks())
     out = paths.hessian_dir(run, level, tau, r)
     log(f"hessian: level {level}, replicate {r}, D_A = {hess.D_A}, "
         f"{hess.op.num_examples} examples, device {device}")
@@ -167,6 +167,8 @@ def f_max_curve(run, h: Dict, R, eps: Optional[float] = None, nonpositive: Optio
 
 def summarize(run, level: int, tau: int, results: Sequence[Dict], nonpositive: str) -> Dict:
     """Mean ± std over replicates, with f_max on one R grid (up to the largest replicate's)."""
+    from fastimp.distributed import barrier
+    barrier()  # under torchrun: rank 0 has written the densities read here
     R = np.linspace(0.0, max(max(h["curve"]["R"]) for h in results), 101)
     curves = [f_max_curve(run, h, R) for h in results]
     f_mean, f_std = common.mean_std_arrays(curves)

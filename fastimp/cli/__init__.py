@@ -83,7 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _show = warnings.showwarning
     warnings.showwarning = show
     try:
-        return int(args.func(args) or 0)
+        from fastimp.distributed.launch import run_command
+        return int(run_command(args.command, lambda: args.func(args)) or 0)
     except KeyboardInterrupt as exc:
         print(f"{prog}: {_one_line(exc) if str(exc) else 'interrupted (Ctrl-C)'}",
               file=sys.stderr)

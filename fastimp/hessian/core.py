@@ -43,13 +43,50 @@ class Hessian:
     Randomness (start vectors, probes) comes from ``torch.Generator().manual_seed(seed)`` on the
     CPU, so the same seed gives the same result on the same device; each method takes its own
     ``seed`` (default: the next draw from the object's generator).
+
+    ``distributed=True`` (every rank of the torch.distributed group builds it alike and calls the
+    same methods): ``trace`` splits its probes and ``density`` its SLQ runs over the ranks (every
+    rank draws every probe as one process would, computes its share, and the results are
+    gathered in order); ``eigenvalues`` (one Krylov chain) splits the data of every product over
+    the ranks and sums them. The results equal one process's to float rounding.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable] = None, data=None,
                  masks: Optional[Mapping[str, torch.Tensor]] = None, *, seed: int = 0,
-                 **kwargs):
+                 distributed: bool = False, **kwargs):
         self.op = HVPOperator(model, loss_fn, data, masks, seed=seed, **kwargs)
         self._generator = torch.Generator().manual_seed(seed + 1)
+        self.distributed = bool(distributed)
+
+    def _rows(self, n: int) -> range:
+        """The items of ``n`` this rank computes (all of them in one process)."""
+        if not self.distributed:
+            return range(n)
+        from fastimp.distributed import shard
+        return shard(n)
+
+    def _gather(self, local: list) -> list:
+        if not self.distributed:
+            return local
+        from fastimp.distributed import gather_parts
+        return gather_parts(local)
+
+    def _data_parallel_matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """H_A V with this rank's share of the batches, summed over the ranks."""
+        import torch.distributed as dist
+
+        from fastimp.distributed import shard
+        op = self.op
+        single = V.dim() == 1
+        V = (V.unsqueeze(0) if single else V).to(device=op.device, dtype=op.dtype)
+        part = shard(len(op.batches))
+        mine = op.batches[part.start:part.stop]
+        acc = torch.cat([op._matvec(V[i:i + op.probes_per_pass], batches=mine, decay=False)
+                         for i in range(0, V.shape[0], op.probes_per_pass)])
+        dist.all_reduce(acc)
+        if op.weight_decay:
+            acc.add_(V, alpha=op.weight_decay)
+        return acc[0] if single else acc
 
     @property
     def D_A(self) -> int:
@@ -102,8 +139,9 @@ class Hessian:
                     return False
             return True
 
+        matvec = self._data_parallel_matvec if self.distributed else self.op.matvec
         with _NoTF32():
-            res = lanczos(self.op.matvec, v0, steps, gen, callback=converged)
+            res = lanczos(matvec, v0, steps, gen, callback=converged)
         theta, S = res.ritz(0)
         order = np.argsort(theta)[::-1][:top_n]
         vals = [float(theta[i]) for i in order]
@@ -122,15 +160,19 @@ class Hessian:
         if not (isinstance(n_samples, int) and n_samples >= 1):
             raise ValueError(f"n_samples: expected an int >= 1, got {n_samples!r}")
         gen = self._gen(seed)
+        mine = self._rows(n_samples)
         out: List[float] = []
         with _NoTF32():
             for i in range(0, n_samples, self.op.probes_per_pass):
                 k = min(self.op.probes_per_pass, n_samples - i)
-                v = torch.randint(0, 2, (k, self.D_A), generator=gen).to(
-                    device=self.op.device, dtype=self.op.dtype).mul_(2).sub_(1)
+                v = torch.randint(0, 2, (k, self.D_A), generator=gen)  # every rank draws all
+                lo, hi = max(mine.start, i) - i, min(mine.stop, i + k) - i
+                if lo >= hi:
+                    continue
+                v = v[lo:hi].to(device=self.op.device, dtype=self.op.dtype).mul_(2).sub_(1)
                 hv = self.op.matvec(v)
                 out.extend((hv * v).sum(1).double().cpu().tolist())
-        return out
+        return self._gather(out)
 
     def density(self, iterations: int = 100, n_runs: int = 1,
                 seed: Optional[int] = None) -> SpectralDensity:
@@ -139,24 +181,35 @@ class Hessian:
         reorthogonalization, up to ``probes_per_pass`` runs in lock step (one data pass per step
         for all of them; memory: runs x iterations x D_A values for the bases). Each T_m is
         solved in float64; nodes = its eigenvalues, weights = squared first components of its
-        eigenvectors. ``iterations`` is capped at D_A."""
+        eigenvectors. ``iterations`` is capped at D_A. Each run restarts an exhausted Krylov space
+        from its own generator (seeded with its start vector), so a run's result does not depend
+        on which runs share its lock step (or its rank)."""
         if not (isinstance(iterations, int) and iterations >= 1):
             raise ValueError(f"iterations: expected an int >= 1, got {iterations!r}")
         if not (isinstance(n_runs, int) and n_runs >= 1):
             raise ValueError(f"n_runs: expected an int >= 1, got {n_runs!r}")
         gen = self._gen(seed)
         like = torch.empty(0, device=self.op.device, dtype=self.op.dtype)
+        mine = self._rows(n_runs)
         nodes, weights = [], []
         with _NoTF32():
             for i in range(0, n_runs, self.op.probes_per_pass):
                 k = min(self.op.probes_per_pass, n_runs - i)
-                v0 = _random_unit(k, self.D_A, gen, like, rademacher=True)
-                res = lanczos(self.op.matvec, v0, iterations, gen)
-                for r in range(k):
+                v0 = _random_unit(k, self.D_A, gen, like, rademacher=True)  # every rank draws all
+                seeds = torch.randint(0, 2 ** 62, (k,), generator=gen).tolist()
+                lo, hi = max(mine.start, i) - i, min(mine.stop, i + k) - i
+                if lo >= hi:
+                    continue
+                restarts = [torch.Generator().manual_seed(s) for s in seeds[lo:hi]]
+                res = lanczos(self.op.matvec, v0[lo:hi], iterations, restarts)
+                for r in range(hi - lo):
                     theta, S = res.ritz(r)
                     nodes.append(theta)
                     weights.append(S[0, :] ** 2)
                 del res
+        if self.distributed:
+            pairs = self._gather(list(zip(nodes, weights)))
+            nodes, weights = [p[0] for p in pairs], [p[1] for p in pairs]
         m = min(iterations, self.D_A)
         meta = {"iterations": m, "n_runs": n_runs, "num_examples": self.op.num_examples,
                 "weight_decay": self.op.weight_decay, "batchnorm": self.op.batchnorm,

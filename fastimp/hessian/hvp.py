@@ -250,20 +250,22 @@ class HVPOperator:
         out = torch.cat(outs) if outs else V.clone()
         return out[0] if single else out
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _matvec(self, V: torch.Tensor, batches=None, decay: bool = True) -> torch.Tensor:
+        """The data term over ``batches`` (default: all; each weighted n_b / N), plus the weight
+        decay's ``weight_decay · V`` when ``decay``."""
         tangents = self.to_params(V)
         acc = torch.zeros_like(V)
         was_training = self.model.training
         if self.batchnorm == "eval":
             self.model.eval()
         try:
-            for x, y in self.batches:
+            for x, y in (self.batches if batches is None else batches):
                 hv = self._batch_hvp(x, y, tangents)
                 acc.add_(self.from_params(hv), alpha=x.shape[0] / self.num_examples)
         finally:
             self.model.train(was_training)
         self.passes += 1
-        if self.weight_decay:
+        if self.weight_decay and decay:
             acc.add_(V, alpha=self.weight_decay)
         return acc
 

@@ -7,7 +7,7 @@ of converged eigenvalues ("ghosts") appear. The tridiagonal T_m is solved in flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,8 +50,16 @@ def _random_unit(k: int, n: int, generator: torch.Generator, like: torch.Tensor,
     return v / v.norm(dim=1, keepdim=True)
 
 
+def _fresh(k: int, n: int, generator, like: torch.Tensor) -> torch.Tensor:
+    """k random unit rows: from one generator, or row i from ``generator[i]`` (one per run, so a
+    run's restarts do not depend on which other runs share its lock step)."""
+    if isinstance(generator, torch.Generator):
+        return _random_unit(k, n, generator, like, rademacher=False)
+    return torch.cat([_random_unit(1, n, g, like, rademacher=False) for g in generator])
+
+
 def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, steps: int,
-            generator: torch.Generator,
+            generator: Union[torch.Generator, Sequence[torch.Generator]],
             callback: Optional[Callable[[int, np.ndarray, np.ndarray], bool]] = None
             ) -> LanczosResult:
     """Run ``steps`` Lanczos steps from each row of ``v0`` [k, n] (normalized here), with one
@@ -59,7 +67,7 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, st
     j (1-based; ``betas[:, j-1]`` is the residual norm); returning True stops early. When a run's
     Krylov space is exhausted (beta ≈ 0) it continues from a fresh random vector orthogonal to its
     basis with beta = 0, so T decouples into blocks and the start vector's quadrature weights on
-    the new block are exactly 0."""
+    the new block are exactly 0. ``generator``: one for every run, or one per run (row)."""
     k, n = v0.shape
     steps = int(min(steps, n))
     Q = v0.new_empty(k, steps, n)
@@ -85,8 +93,7 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, st
         scale = np.maximum(scale, np.abs(alphas[:, j]) + bn)
         tiny = bn <= rel_tiny * np.maximum(scale, 1e-300)
         if tiny.any():
-            fresh = _orthogonalize(_random_unit(k, n, generator, w, rademacher=False),
-                                   Q[:, :j + 1])
+            fresh = _orthogonalize(_fresh(k, n, generator, w), Q[:, :j + 1])
             rows = torch.as_tensor(np.nonzero(tiny)[0], device=w.device)
             w[rows] = fresh[rows]
             betas[tiny, j] = 0.0

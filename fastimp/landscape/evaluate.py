@@ -256,7 +256,8 @@ class _Plan:
 def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "interpolate",
              train_data=None, bn_batches: Optional[int] = None, clip: Optional[Tuple] = None,
              chunk_size: Optional[int] = None, backend: str = "auto", device=None,
-             include=None, batching: str = "auto", progress: bool = False) -> Evaluation:
+             include=None, batching: str = "auto", progress: bool = False,
+             distributed: bool = False) -> Evaluation:
     """Error and loss of each ``theta_k = origin + sum_j coeffs[k, j] * directions[j]`` on ``data``.
 
     - ``model``: the architecture (its own weights are not used, except non-float buffers).
@@ -271,14 +272,33 @@ def evaluate(model: nn.Module, origin, directions, coeffs, data, *, bn: str = "i
     - ``batching``: ``"vmap"`` (one forward for the chunk's points), ``"loop"`` (per point, its
       row of the chunk copied into a cached working model, then a plain forward) or ``"auto"``
       (:func:`auto_batching`). The caller's ``model`` is never modified.
+    - ``distributed=True`` (every rank of the torch.distributed group calls it with the same
+      arguments): each rank evaluates a contiguous share of the K points and every rank gets all
+      of them back, in order — the one-process result (each point is evaluated alone, so its
+      numbers do not depend on which rank computed it, up to the chunking of ``"vmap"``).
     """
     plan, C, first = _prepare(model, origin, directions, coeffs, data, bn, train_data,
                               bn_batches, clip, backend, device, include, batching)
     K = C.shape[0]
-    chunk_size = _chunk_size(plan, chunk_size, K, first)
-    errors = torch.zeros(K, dtype=torch.float64, device=plan.device)
-    losses = torch.zeros(K, dtype=torch.float64, device=plan.device)
-    n_total = _run_chunks(plan, C, chunk_size, errors, losses, progress)
+    rows = range(K)
+    if distributed:
+        from fastimp.distributed import is_main, shard
+        rows = shard(K)
+        progress = progress and is_main()
+    Cr = C[rows.start:rows.stop]
+    k = Cr.shape[0]
+    chunk_size = _chunk_size(plan, chunk_size, max(k, 1), first)
+    errors = torch.zeros(k, dtype=torch.float64, device=plan.device)
+    losses = torch.zeros(k, dtype=torch.float64, device=plan.device)
+    n_total = _run_chunks(plan, Cr, chunk_size, errors, losses, progress) if k or not distributed \
+        else None
+    if distributed:
+        from fastimp.distributed import all_gather_objects
+        parts = all_gather_objects((errors.cpu(), losses.cpu(), n_total))
+        errors = torch.cat([p[0] for p in parts])
+        losses = torch.cat([p[1] for p in parts])
+        seen = [p[2] for p in parts if p[2] is not None and p[0].numel()]
+        n_total = seen[0] if seen else 1
     if n_total == 0:
         raise ValueError("data: expected at least one example")
     denom = max(n_total, 1)

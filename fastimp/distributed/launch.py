@@ -1,0 +1,62 @@
+"""``python -m fastimp COMMAND`` under torchrun: join the process group, give every rank its card,
+let only rank 0 print and show progress bars, and let rank 0 write what the ranks compute together.
+
+- ``imp``: the runner decides (data-parallel: rank 0 writes; ``--parallel runs``: each rank writes
+  its own runs' folders and rank 0 ``results.json``).
+- the analyses (``barrier``, ``plane``, ``hessian``, ``prune-scan``, ``robustness``, ``weights``,
+  ``lrr-rewound``, ``paper``): every rank computes its share of the points / probes / runs, rank 0
+  writes (:func:`fastimp.distributed.main_writes`).
+- ``report``, ``backends``: rank 0 alone (the other ranks return at once).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import Callable
+
+from fastimp.distributed import env
+
+MAIN_ONLY = ("report", "backends")
+RUNNER_WRITES = ("imp",)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """stdout and progress bars off (errors still go to stderr)."""
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
+def run_command(command: str, fn: Callable[[], int]) -> int:
+    """``fn()`` (a CLI command) as this rank of a torchrun job, or plainly without torchrun."""
+    if not env.launched():
+        return fn()
+    env.init()
+    ok = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if not env.is_main():
+                stack.enter_context(_quiet())
+            if command in MAIN_ONLY:
+                status = fn() if env.is_main() else 0
+            elif command in RUNNER_WRITES:
+                status = fn()
+            else:
+                stack.enter_context(env.main_writes())
+                status = fn()
+        ok = True
+        return status
+    finally:
+        # after an error the other ranks may be inside a collective: no barrier then; the process
+        # exits and torchrun stops the others
+        if ok:
+            env.shutdown()
