@@ -38,6 +38,13 @@ def add_parser(sub):
                    help="if another process is working on this run, wait for it to finish "
                         "(default: exit with an error naming it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (steps per level, steps of the whole run, memory per "
+                        "device for 1-8 devices) and exit without training or reading the data")
+    p.add_argument("--parallel", choices=("data", "runs"), default="data",
+                   help="under torchrun: 'data' trains every run data-parallel over the ranks "
+                        "(DistributedDataParallel); 'runs' gives each rank whole runs "
+                        "(replicates x rewind steps)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="IMPConfig overrides")
     p.set_defaults(func=main)
 
@@ -85,6 +92,8 @@ def main(args) -> int:
     from fastimp.imp import run
     from fastimp.imp.lock import describe_holder
     config = _config(args)
+    if args.dry_run:
+        return dry_run(config)
 
     def on_wait(holder):
         print(f"fastimp imp: waiting for {describe_holder(holder)} to finish ...",
@@ -98,4 +107,17 @@ def main(args) -> int:
     if summary and summary[0]["eps"] is None:
         print("matching: n/a with one replicate (eps = std of the dense replicates); pass --eps")
     print(f"report: fastimp report {result.dir}")
+    return 0
+
+
+def dry_run(config) -> int:
+    """``--dry-run``: the plan of the run for this world size and for 1, 2, 4 and 8 devices."""
+    from fastimp import distributed
+    from fastimp.imp.estimate import estimate, format_estimate, format_table
+    world = distributed.world_size() if distributed.active() else \
+        int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    print(format_estimate(estimate(config, world), config))
+    print()
+    print(format_table(config, sorted({1, 2, 4, 8, world})))
+    print("(dry run: nothing was trained or written)")
     return 0
