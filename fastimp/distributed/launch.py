@@ -40,6 +40,7 @@ def run_command(command: str, fn: Callable[[], int]) -> int:
     """``fn()`` (a CLI command) as this rank of a torchrun job, or plainly without torchrun."""
     if not env.launched():
         return fn()
+    owner = not env.active()  # leave a group the caller made to the caller
     env.init()
     ok = False
     try:
@@ -58,5 +59,5 @@ def run_command(command: str, fn: Callable[[], int]) -> int:
     finally:
         # after an error the other ranks may be inside a collective: no barrier then; the process
         # exits and torchrun stops the others
-        if ok:
+        if ok and owner:
             env.shutdown()

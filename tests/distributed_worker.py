@@ -1,0 +1,127 @@
+"""One rank of the 2-process gloo job of tests/test_distributed.py (started by
+tests/distributed_harness.py as torchrun would start it). ``python distributed_worker.py OUT
+SCENARIO ...`` (one job runs several: process startup is the expensive part); each rank saves
+what it computed to ``OUT/<scenario>_rank<r>.pt``.
+
+Scenarios:
+- ``basic``: masks broadcast and verified, a mismatch detected on every rank, landscape points
+  and Hessian probes / SLQ runs / Lanczos products split over the ranks;
+- ``cli=DIR``: ``fastimp plane``, ``barrier`` and ``hessian`` on the run folder DIR (as under
+  torchrun: the points and probes split, rank 0 writing).
+"""
+import contextlib
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+
+def inputs():
+    """The same tiny model, data and points on every rank (and in the test)."""
+    from torch import nn
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(40, 6, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    data = [(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]
+    from fastimp.landscape.space import StateLayout
+    D = StateLayout(model).D
+    U = torch.randn(2, D, generator=g)
+    C = torch.randn(7, 2, generator=g)
+    masks = {"0.weight": torch.rand(8, 6, generator=g) < 0.7,
+             "2.weight": torch.rand(3, 8, generator=g) < 0.7}
+    return model, data, U, C, masks
+
+
+def compute(distributed: bool):
+    """Everything the ``basic`` scenario splits, computed alone or split over the ranks."""
+    from fastimp.hessian import Hessian
+    from fastimp.landscape.evaluate import evaluate
+    from fastimp.landscape.space import StateLayout
+    model, data, U, C, masks = inputs()
+    origin = StateLayout(model).flatten(model)
+    ev = evaluate(model, origin, U, C, data, batching="loop", distributed=distributed)
+    hess = Hessian(model, None, data, masks, seed=3, probes_per_pass=2, distributed=distributed)
+    eig, _ = hess.eigenvalues(top_n=2, tol=1e-6, max_iter=40, seed=5)
+    trace = hess.trace(n_samples=5, seed=6)
+    dens = hess.density(iterations=6, n_runs=3, seed=7)
+    return {"error": ev.error, "loss": ev.loss, "eigenvalues": eig, "trace": trace,
+            "nodes": torch.as_tensor(dens.nodes), "weights": torch.as_tensor(dens.weights)}
+
+
+@contextlib.contextmanager
+def counting():
+    """Counts the landscape points evaluated, the Hessian probe rows and the batches read."""
+    import importlib
+    from fastimp.hessian import hvp
+    ev = importlib.import_module("fastimp.landscape.evaluate")
+    counts = {"points": 0, "probe_rows": 0, "batches": 0}
+    run_chunks, matvec = ev._run_chunks, hvp.HVPOperator._matvec
+
+    def counting_chunks(plan, C, *a, **k):
+        counts["points"] += C.shape[0]
+        return run_chunks(plan, C, *a, **k)
+
+    def counting_matvec(self, V, batches=None, decay=True):
+        counts["probe_rows"] += V.shape[0]
+        counts["batches"] += len(self.batches if batches is None else batches)
+        return matvec(self, V, batches, decay)
+    ev._run_chunks, hvp.HVPOperator._matvec = counting_chunks, counting_matvec
+    try:
+        yield counts
+    finally:
+        ev._run_chunks, hvp.HVPOperator._matvec = run_chunks, matvec
+
+
+def basic(out):
+    from fastimp import distributed as D
+    r = D.rank()
+    g = torch.Generator().manual_seed(100 + r)   # different masks on every rank ...
+    mine = {"a.weight": torch.rand(4, 5, generator=g) < 0.5,
+            "b.weight": torch.rand(7, generator=g) < 0.5}
+    masks = D.broadcast_masks(mine if r == 0 else None)   # ... until rank 0's are broadcast
+    D.verify_masks(masks, "broadcast masks")
+    bad = {k: v.clone() for k, v in masks.items()}
+    if r == 1:
+        bad["b.weight"][3] = ~bad["b.weight"][3]
+    try:
+        D.verify_masks(bad, "level 2 masks")
+        caught = None
+    except D.MaskMismatchError as exc:
+        caught = str(exc)
+    with counting() as counts:   # what this rank computed: its share, not everything
+        result = compute(distributed=True)
+    result["counts"] = counts
+    result.update(masks={k: v for k, v in masks.items()}, caught=caught,
+                  rank0_masks={k: v for k, v in mine.items()} if r == 0 else None)
+    torch.save(result, f"{out}/basic_rank{r}.pt")
+
+
+def cli(out, run_dir):
+    from fastimp import distributed as D
+    from fastimp.cli import main
+    with counting() as counts:
+        codes = [main(args) for args in cli_commands(run_dir)]
+    torch.save({"codes": codes, "counts": counts}, f"{out}/cli_rank{D.rank()}.pt")
+
+
+def cli_commands(run_dir):
+    return [["plane", run_dir, "--grid", "4", "--level", "0"],
+            ["barrier", run_dir, "--betas", "0.25", "0.5", "0.75"],
+            ["hessian", run_dir, "--level", "1", "--iterations", "6", "--runs", "3",
+             "--trace-samples", "5", "--probes-per-pass", "2", "--top-n", "2", "--eps", "0.01",
+             "--subset", "300", "--tol", "1e-6"]]
+
+
+if __name__ == "__main__":
+    from fastimp import distributed
+    distributed.init()
+    out = sys.argv[1]
+    for scenario in sys.argv[2:]:
+        name, _, arg = scenario.partition("=")
+        {"basic": lambda: basic(out), "cli": lambda: cli(out, arg)}[name]()
+    distributed.shutdown()
