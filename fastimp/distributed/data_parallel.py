@@ -1,0 +1,296 @@
+"""Data-parallel training of one run over the ranks of a torchrun job
+(``torch.nn.parallel.DistributedDataParallel``), equal to one process with the same global batch.
+
+At step s the global batch is the loader's batch of step s (b examples, the same on every rank).
+Rank r of W takes the contiguous share ``fastimp.distributed.shard(b, r, W)``; the union of the
+shares is the one-process batch. Each rank's loss is ``(W / b) · Σ_share CE`` so that DDP's mean of
+the ranks' gradients is the gradient of the one-process mean ``(1 / b) · Σ_batch CE``. A share
+larger than ``per_device_batch`` is cut into micro-batches whose gradients accumulate
+(``no_sync`` until the last); every rank runs the same number of micro-batches. BatchNorm layers
+use the statistics of the global (micro-)batch (:mod:`fastimp.distributed.batchnorm`). The
+recorded loss of step s is the global mean (the ranks' parts are all-reduced when the losses are
+checked: every step on the CPU, every 50 on a GPU, before each checkpoint and at the end — a
+non-finite loss stops every rank at the same step). Masks are verified equal on every rank before
+training (:func:`fastimp.distributed.verify_masks`).
+
+Rank 0 writes the checkpoints (``fastimp.training``'s format: a run killed under torchrun resumes
+under torchrun or in one process) and reads them back for every rank. Without a process group
+(or with one rank) the same function trains in one process, with ``per_device_batch``
+(gradient accumulation), ``precision="bf16"`` (autocast) and ``channels_last``.
+
+The IMP runner's data-parallel mode runs only on rank 0 (:class:`Leader`); the other ranks
+:func:`follow` it: for each training rank 0 sends the job (architecture, data set, train config,
+steps, masks) and all ranks call :func:`train` together.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastimp.distributed import env
+from fastimp.distributed.split import shard
+
+PRECISIONS = ("fp32", "bf16")
+__all__ = ["train", "micro_batches", "Leader", "follow", "record", "PRECISIONS"]
+
+
+def micro_batches(batch: int, world: int, per_device_batch: Optional[int]) -> int:
+    """Micro-batches per step: the largest share ``ceil(batch / world)`` cut into pieces of at
+    most ``per_device_batch`` (None: one piece)."""
+    share = -(-batch // world)
+    if per_device_batch is None or share == 0:
+        return 1
+    return max(1, -(-share // int(per_device_batch)))
+
+
+def record(cfg, world: int, per_device_batch: Optional[int], precision: str,
+           channels_last: bool = False) -> Dict[str, Any]:
+    """How a run was trained, for its ``stats.json``: world size, per-rank batch (the largest
+    share), micro-batch, accumulation steps, precision."""
+    share = -(-cfg.batch_size // world)
+    n = micro_batches(cfg.batch_size, world, per_device_batch)
+    return {"world_size": world, "per_rank_batch": share, "micro_batch": -(-share // n),
+            "accumulation_steps": n, "precision": precision, "channels_last": bool(channels_last)}
+
+
+def _batch_size_of(loader, step: int) -> int:
+    """Examples in the batch of global step ``step`` (the last batch of an epoch may be short)."""
+    ipe, B = loader.iterations_per_epoch, loader.batch_size
+    if not loader.drop_last and step % ipe == ipe - 1:
+        return loader.num_examples - (ipe - 1) * B
+    return B
+
+
+def _share(loader, step: int, lo: int, hi: int):
+    """Examples ``[lo, hi)`` of the batch of ``step``."""
+    if hasattr(loader, "share"):
+        return loader.share(step, lo, hi)
+    x, y = loader.batch(step)
+    return x[lo:hi], y[lo:hi]
+
+
+class _Loaded:
+    """A checkpoint already read (by rank 0), for ``training._resume``."""
+
+    def __init__(self, state, path):
+        self.state, self.path = state, path
+
+    def load(self):
+        return self.state
+
+
+class _Guard:
+    """The non-finite-loss stop over the ranks: the unchecked losses are all-reduced (turning
+    the ranks' parts into the global mean), then checked; the same on every rank."""
+
+    def __init__(self, losses, start, lr_at, at, group: bool, every: int):
+        self.losses, self.start, self.lr_at, self.group, self.every = \
+            losses, start, lr_at, group, every
+        self.checked = at
+
+    def flush(self, step: int) -> None:
+        from fastimp.training import NonFiniteLossError
+        part = self.losses[self.checked - self.start:step - self.start]
+        if self.group and part.numel():
+            dist.all_reduce(part)
+        bad = ~torch.isfinite(part)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise NonFiniteLossError(self.checked + i, self.lr_at(self.checked + i),
+                                     float(part[i]))
+        self.checked = step
+
+
+def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
+          end_step: Optional[int] = None, *, checkpoint=None,
+          on_step: Optional[Callable] = None, progress: bool = False,
+          per_device_batch: Optional[int] = None, precision: str = "fp32",
+          channels_last: bool = False):
+    """Train ``model`` for global steps ``[start_step, end_step)`` data-parallel over the ranks
+    (every rank calls it with the same model architecture, config, loader and masks; the weights
+    and a checkpoint come from rank 0) -> ``fastimp.training.TrainResult`` with the global
+    losses, on every rank. ``checkpoint``/``on_step``/``progress`` matter on rank 0 only (a
+    ``fastimp.training.Checkpoint``: read there for every rank, written there). See the module
+    docstring."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastimp import training as tr
+    from fastimp.distributed.batchnorm import synchronized
+    from fastimp.distributed.masks import verify_masks
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if per_device_batch is not None and (isinstance(per_device_batch, bool) or
+                                         not isinstance(per_device_batch, int)
+                                         or per_device_batch < 1):
+        raise ValueError(f"per_device_batch: expected None or an int >= 1, "
+                         f"got {per_device_batch!r}")
+    loader = tr._resolve_loader(loader, cfg, "data-parallel train")
+    device, ipe = torch.device(loader.device), loader.iterations_per_epoch
+    start, end = tr._step_range(cfg, ipe, start_step, end_step, "data-parallel train")
+    W, rank = env.world_size(), env.rank()
+    group = env.active() and W > 1
+
+    model.to(device)
+    by_name = tr._mask_dict(model, masks)
+    if group:
+        verify_masks(by_name, f"the masks of steps {start}..{end}")
+    tr._apply_masks(model, by_name)
+    optimizer = tr.make_optimizer(model, cfg, by_name)
+    scheduler = tr.make_scheduler(optimizer, cfg, ipe, start)
+    losses = torch.zeros(end - start, dtype=torch.float32, device=device)
+    step = start
+    every = env.agree(checkpoint.every if checkpoint is not None else None)
+    state = None
+    if env.is_main() and checkpoint is not None and checkpoint.exists():
+        state = checkpoint.load()
+    state = env.agree(state)
+    if state is not None:
+        step = tr._resume(_Loaded(state, getattr(checkpoint, "path", "checkpoint")), model,
+                          optimizer, scheduler, start, end, cfg, losses, device)
+        del state
+
+    lr_of = tr._multiplier_fn(cfg, ipe)
+    guard = _Guard(losses, start, lambda s: cfg.lr * lr_of(s), step, group,
+                   1 if device.type == "cpu" else 50)
+    bar = tr._Progress(progress and env.is_main(), start, end, step,
+                       desc=f"train ({W} ranks)" if group else "train")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+        if precision == "bf16" else contextlib.nullcontext
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        with contextlib.ExitStack() as stack:
+            if group:
+                stack.enter_context(synchronized(model, device))
+                net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=False, gradient_as_bucket_view=True)
+            else:
+                net = model
+            while step < end:
+                b = _batch_size_of(loader, step)
+                lo_hi = shard(b, rank, W)
+                n_micro = micro_batches(b, W, per_device_batch)
+                x, y = _share(loader, step, lo_hi.start, lo_hi.stop)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=False)
+                total = torch.zeros((), dtype=torch.float32, device=device)
+                n = x.shape[0]
+                for j in range(n_micro):
+                    a, c = n * j // n_micro, n * (j + 1) // n_micro
+                    sync = not group or j == n_micro - 1
+                    with (contextlib.nullcontext() if sync else net.no_sync()):
+                        with autocast():
+                            out = net(x[a:c])
+                        ce = F.cross_entropy(out.float(), y[a:c], reduction="sum")
+                        (ce * (W / b)).backward()
+                    total += ce.detach()
+                optimizer.step()
+                scheduler.step()
+                losses[step - start] = total / b
+                step += 1
+                if step % guard.every == 0:
+                    guard.flush(step)
+                if on_step is not None and env.is_main():
+                    on_step(step, model, optimizer)
+                if every is not None and step % every == 0 and step < end:
+                    guard.flush(step)
+                    if env.is_main():
+                        checkpoint.save(tr._checkpoint_state(model, optimizer, scheduler, step,
+                                                             start, end, cfg, losses, device))
+                if bar.due(step) and guard.checked > start:  # the last global loss known
+                    bar.update(step, f"{float(losses[guard.checked - start - 1]):.4f}",
+                               scheduler.get_last_lr()[0])
+            guard.flush(step)
+            del net
+    finally:
+        bar.close()
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+    model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result = tr.TrainResult(losses.cpu(), start, end, ipe, seconds=time.perf_counter() - t0)
+    result.how = record(cfg, W, per_device_batch, precision, channels_last)
+    if checkpoint is not None and env.is_main() and not checkpoint.keep:
+        checkpoint.remove()
+    return result
+
+
+# ------------------------------------------------------------------- rank 0 leads, others follow
+class Leader:
+    """Rank 0's side of the IMP runner's data-parallel mode: :meth:`train` sends the job to the
+    followers and trains with them; leaving the ``with`` block tells them to stop (with the error,
+    if rank 0 failed outside a training: inside one, the other ranks' collectives fail with it
+    and torchrun stops them)."""
+
+    def __init__(self):
+        self.in_job = False
+        self.folder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.in_job:
+            return False
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
+        env.agree({"op": "stop", "folder": None if self.folder is None else str(self.folder),
+                   "error": error})
+        return False
+
+    def train(self, spec: Dict[str, Any], model, cfg, loader, masks, start, end, *,
+              checkpoint=None, on_step=None, progress=False, options=None):
+        """Train one run with every rank. ``spec``: what a follower needs to build the run
+        (``model``, ``num_classes``, ``model_kwargs``, ``dataset``, ``data_root``,
+        ``dataset_kwargs``, ``device``); ``options``: :func:`train`'s ``per_device_batch``,
+        ``precision``, ``channels_last``."""
+        from fastimp.distributed.masks import broadcast_masks
+        options = dict(options or {})
+        self.in_job = True
+        env.agree({"op": "train", "spec": spec, "cfg": cfg.to_dict(), "start": start,
+                   "end": end, "options": options, "masks": masks is not None})
+        if masks is not None:
+            masks = broadcast_masks(masks, device=loader.device)
+        result = train(model, cfg, loader, masks, start, end, checkpoint=checkpoint,
+                       on_step=on_step, progress=progress, **options)
+        self.in_job = False
+        return result
+
+
+def follow():
+    """A rank other than 0 in the IMP runner's data-parallel mode: train every job rank 0 sends
+    until it says stop; returns the run folder rank 0 named (or None). Raises RuntimeError when
+    rank 0 stopped with an error."""
+    from fastimp import data, models
+    from fastimp import training as tr
+    from fastimp.distributed.masks import broadcast_masks
+    datasets: Dict[Any, Any] = {}
+    while True:
+        job = env.agree(None)
+        if job["op"] == "stop":
+            if job["error"] is not None:
+                raise RuntimeError(f"rank 0 stopped: {job['error']}")
+            return job["folder"]
+        spec = job["spec"]
+        key = (spec["dataset"], spec["data_root"], repr(sorted(spec["dataset_kwargs"].items())),
+               spec["device"])
+        if key not in datasets:
+            datasets[key] = data.get(spec["dataset"], root=spec["data_root"],
+                                     device=spec["device"], **spec["dataset_kwargs"])
+        cfg = tr.TrainConfig.from_dict(job["cfg"])
+        loader = tr.make_loader(datasets[key], cfg, device=spec["device"])
+        model = models.get(spec["model"], num_classes=spec["num_classes"], seed=0,
+                           **spec["model_kwargs"])
+        masks = broadcast_masks(None, device=spec["device"]) if job["masks"] else None
+        train(model, cfg, loader, masks, job["start"], job["end"], **job["options"])
