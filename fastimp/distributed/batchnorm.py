@@ -4,7 +4,7 @@ With a plain BatchNorm every rank would normalize with the statistics of its own
 batch, which differ from those of the whole batch that one process sees. During data-parallel
 training fastimp replaces every BatchNorm by one that reduces the batch statistics over the ranks
 first: ``torch.nn.SyncBatchNorm`` for CUDA tensors, and :class:`GlobalBatchNorm` (the same
-mathematics written with a differentiable all-reduce, ``torch.distributed.nn.all_reduce``) for
+mathematics written with a differentiable all-reduce) for
 CPU tensors, where SyncBatchNorm refuses to run. The forward pass, the gradients and the running
 statistics then equal those of one process on the whole batch (to float rounding); with gradient
 accumulation, those of one process on the union of the ranks' i-th micro-batches. The model gets
@@ -22,9 +22,26 @@ from torch import nn
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_ranks x, differentiable: every rank's loss depends on y, so the gradient of the
+    summed loss with respect to x is Σ_ranks dL_r/dy (an all-reduce of the incoming gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training-mode statistics are those of the batch over every rank: the
-    per-channel count, sum and sum of squares are all-reduced (differentiably), then
+    per-channel count, sum and sum of squares (float64) are all-reduced (differentiably), then
     mean = S / n and var = SS / n - mean² (biased, for normalizing; the running variance gets the
     unbiased n / (n - 1) of it, as torch's). Evaluation mode is plain BatchNorm."""
 
@@ -35,23 +52,23 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not (dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         dims = [d for d in range(x.dim()) if d != 1]
-        xf = x.float()
+        xf, xd = x.float(), x.double()  # the sums in float64: S / n - mean² cancels digits
         count = torch.full((1,), float(x.numel() // max(x.shape[1], 1)) if x.numel() else 0.0,
-                           dtype=torch.float32, device=x.device)
-        stats = torch.cat([count, xf.sum(dims), (xf * xf).sum(dims)])
-        stats = all_reduce(stats)
+                           dtype=torch.float64, device=x.device)
+        stats = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
+        stats = _AllReduceSum.apply(stats)
         C = x.shape[1]
         n = stats[0]
         mean = stats[1:1 + C] / n
         var = (stats[1 + C:] / n - mean * mean).clamp_min(0)
+        mean, var = mean.float(), var.float()
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None \
                     else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (n / (n - 1).clamp_min(1))
+                unbiased = var * float(n / (n - 1).clamp_min(1))
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
         shape = [1, C] + [1] * (x.dim() - 2)

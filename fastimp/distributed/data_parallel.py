@@ -38,6 +38,21 @@ from fastimp.distributed import env
 from fastimp.distributed.split import shard
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def _no_buffer_broadcast() -> Dict[str, bool]:
+    """DDP's option not to re-send rank 0's buffers every forward (the global BatchNorm keeps the
+    running statistics equal): ``forward_sync_buffers`` in newer torch, ``broadcast_buffers``
+    before it; both still sync them once at construction."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+_NO_BUFFER_BROADCAST = _no_buffer_broadcast()
 __all__ = ["train", "micro_batches", "Leader", "follow", "record", "PRECISIONS"]
 
 
@@ -173,7 +188,7 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
             if group:
                 stack.enter_context(synchronized(model, device))
                 net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=False, gradient_as_bucket_view=True)
+                          gradient_as_bucket_view=True, **_NO_BUFFER_BROADCAST)
             else:
                 net = model
             while step < end:
