@@ -11,7 +11,6 @@ let only rank 0 print and show progress bars, and let rank 0 write what the rank
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 from typing import Callable
 
@@ -27,7 +26,7 @@ def _quiet():
     old = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             yield
     finally:
         if old is None:
