@@ -76,7 +76,10 @@ def imagenet_resnet50() -> IMPConfig:
     """Appendix B, "ImageNet ResNet-50" (line 247): decoupled SGD, batch size 2048, 15970 steps,
     lr 2.048, momentum 0.875, weight decay 5e-4, cosine decay with 5000 warm-up steps; 12 rounds of
     20% magnitude pruning; rewind steps 0, 1250, 5000; 4 replicates. Not reproduced: the "additional
-    algorithms to speed up the training" of Leavitt (2022) (Composer's speed-up recipe)."""
+    algorithms to speed up the training" of Leavitt (2022) (Composer's speed-up recipe). Made
+    practical (docs/DISTRIBUTED.md): bf16 autocast (the paper's trainer used mixed precision),
+    channels-last, at most 256 examples per forward/backward on a device (one GPU accumulates 8
+    micro-batches per step; 8 GPUs under torchrun take 256 each), a DataLoader with workers."""
     return IMPConfig(
         model="resnet50", dataset="imagenet",
         train=_train(steps="15970it", batch_size=2048, lr=2.048, momentum=0.875,
@@ -86,7 +89,8 @@ def imagenet_resnet50() -> IMPConfig:
                      milestones=(), warmup_steps="5000it", drop_last=True),
         levels=12, pruning_fraction=0.2, pruning="magnitude", strategy="wr",
         rewind_steps=[0, 1250, 5000], replicates=4, device="auto",
-        finetune_lr=2.048 / 100, finetune_weight_decay=0.0)
+        finetune_lr=2.048 / 100, finetune_weight_decay=0.0,
+        precision="bf16", per_device_batch=256, channels_last=True)
 
 
 @register("mnist1d")

@@ -189,10 +189,12 @@ def train_loss_epsilon(losses, iterations_per_epoch: int) -> float:
 
 
 # ---------------------------------------------------------------------------- building blocks
-def make_loader(dataset: Dataset, cfg: TrainConfig, device=None) -> Union[Loader, FolderLoader]:
-    """The train loader of ``cfg`` (its batch size, data seed, drop_last), shuffled, augmented."""
+def make_loader(dataset: Dataset, cfg: TrainConfig, device=None,
+                num_workers: int = 0) -> Union[Loader, FolderLoader]:
+    """The train loader of ``cfg`` (its batch size, data seed, drop_last), shuffled, augmented;
+    ``num_workers``: DataLoader workers of an image-folder data set."""
     return dataset.loader("train", cfg.batch_size, drop_last=cfg.drop_last, seed=cfg.data_seed,
-                          device=device)
+                          device=device, num_workers=num_workers)
 
 
 def _mask_dict(model: nn.Module, masks) -> Dict[str, torch.Tensor]:

@@ -100,7 +100,9 @@ def main(args) -> int:
               file=sys.stderr, flush=True)
     result = run(config, args.out, progress=not args.no_progress,
                  checkpoint_every=args.checkpoint_every, eps=args.eps, wait=args.wait,
-                 on_wait=on_wait)
+                 on_wait=on_wait, parallel=args.parallel)
+    if result is None:  # a rank that followed rank 0 and cannot see the folder
+        return 0
     summary = result.summary(eps=args.eps)
     print(f"\nIMP run folder: {result.dir}")
     print(format_summary(summary))

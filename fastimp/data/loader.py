@@ -138,7 +138,18 @@ class Loader:
 
     def batch(self, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The (x, y) of global step ``step``."""
+        return self.share(step, 0, self.batch_size)
+
+    def share(self, step: int, lo: int, hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Examples ``[lo, hi)`` of the batch of global step ``step`` (a rank's share of it in
+        data-parallel training), exactly as in ``batch(step)[lo:hi]``."""
+        if callable(self.augment) and (lo, hi) != (0, self.batch_size):
+            x, y = self.batch(step)  # its draws are for the whole batch
+            return x[lo:hi], y[lo:hi]
         idx, offsets, flips = _step_plan(self, self._epoch_plan, step)
+        idx = idx[lo:hi]
+        if offsets is not None:
+            offsets, flips = offsets[lo:hi], flips[lo:hi]
         x = self.x.index_select(0, idx)
         y = self.y.index_select(0, idx)
         if self.augment == "cifar":
@@ -158,15 +169,35 @@ class Loader:
             x = x.div_(self._std)
         return x
 
-    def steps(self, start_step: int = 0,
-              end_step: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of global steps ``start_step, start_step + 1, ...`` (until ``end_step``)."""
-        return _steps(self.batch, start_step, end_step)
+    def steps(self, start_step: int = 0, end_step: Optional[int] = None,
+              part: Optional[Tuple[int, int]] = None) -> Iterator[Tuple[torch.Tensor,
+                                                                        torch.Tensor]]:
+        """Batches of global steps ``start_step, start_step + 1, ...`` (until ``end_step``);
+        ``part=(rank, world)``: that rank's share of each (:func:`batch_share`)."""
+        if part is None:
+            return _steps(self.batch, start_step, end_step)
+        return _steps(lambda s: self.share(s, *batch_share(self, s, *part)), start_step,
+                      end_step)
 
     def epoch(self, e: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """The batches of epoch ``e``."""
         n = self.iterations_per_epoch
         return self.steps(e * n, (e + 1) * n)
+
+
+def batch_examples(loader, step: int) -> int:
+    """Examples in the batch of global step ``step`` (the last one of an epoch may be short)."""
+    ipe, B = loader.iterations_per_epoch, loader.batch_size
+    if not loader.drop_last and step % ipe == ipe - 1:
+        return loader.num_examples - (ipe - 1) * B
+    return B
+
+
+def batch_share(loader, step: int, rank: int, world: int) -> Tuple[int, int]:
+    """``(lo, hi)``: rank ``rank`` of ``world``'s contiguous share of the batch of ``step``
+    (sizes differ by at most one; the union of the shares is the batch)."""
+    b = batch_examples(loader, step)
+    return b * rank // world, b * (rank + 1) // world
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -186,12 +217,29 @@ class _SeededItems(torch.utils.data.Dataset):
             return self.folder[i]
 
 
+class _BatchPlan:
+    """The batch sampler of a :class:`FolderLoader`'s one DataLoader: the batches of whatever
+    steps are asked for next (the DataLoader reads it anew for every pass, so its persistent
+    workers serve every epoch and every resume)."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class FolderLoader:
     """The :class:`Loader` interface over an ImageFolder (ImageNet) through a torch DataLoader.
 
     Order from ``(seed, epoch)`` as in :class:`Loader`; the random transforms of the example at
     position p of epoch e run under ``torch.manual_seed(mix_seed(seed, e, p))``, so batches are
-    the same whatever ``num_workers`` is and wherever a run resumes.
+    the same whatever ``num_workers`` is and wherever a run resumes. One DataLoader per loader:
+    ``num_workers`` workers (persistent between epochs when > 0), pinned memory on a CUDA device;
+    ``steps(..., part=(rank, world))`` loads only that rank's share of every batch.
     """
 
     def __init__(self, folder, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
@@ -209,6 +257,8 @@ class FolderLoader:
         self.num_workers = int(num_workers)
         self.num_examples = len(folder)
         self.iterations_per_epoch = _ipe(self.num_examples, batch_size, self.drop_last)
+        self._plan = _BatchPlan()
+        self._loader = None
 
     def __len__(self) -> int:
         return self.iterations_per_epoch
@@ -227,29 +277,46 @@ class FolderLoader:
         g = torch.Generator().manual_seed(mix_seed(self.seed, 0x0EB0C, epoch))
         return torch.randperm(self.num_examples, generator=g)
 
-    def _batches(self, epoch: int, first: int, last: int):
+    def _batches(self, epoch: int, first: int, last: int, part=None):
         order = self.order(epoch).tolist()
         b = self.batch_size
-        return [[(order[p], mix_seed(self.seed, 0xA06, epoch, p))
-                 for p in range(i * b, min((i + 1) * b, self.num_examples))]
-                for i in range(first, last)]
+        out = []
+        for i in range(first, last):
+            lo, hi = i * b, min((i + 1) * b, self.num_examples)
+            if part is not None:
+                a, c = batch_share(self, epoch * self.iterations_per_epoch + i, *part)
+                lo, hi = lo + a, lo + c
+            out.append([(order[p], mix_seed(self.seed, 0xA06, epoch, p)) for p in range(lo, hi)])
+        return out
 
     def batch(self, step: int):
+        return self.share(step, 0, self.batch_size)
+
+    def share(self, step: int, lo: int, hi: int):
+        """Examples ``[lo, hi)`` of the batch of global step ``step``."""
         n = self.iterations_per_epoch
         if n == 0:
             raise ValueError(f"FolderLoader: {self.num_examples} examples make no batch of "
                              f"{self.batch_size} with drop_last=True")
         epoch, i = divmod(int(step), n)
-        return next(iter(self._dataloader(self._batches(epoch, i, i + 1))))
+        batch = self._batches(epoch, i, i + 1)[0][lo:hi]
+        return next(iter(self._dataloader([batch])))
 
     def _dataloader(self, batches):
-        pin = self.device.type == "cuda"
-        dl = torch.utils.data.DataLoader(_SeededItems(self.folder), batch_sampler=batches,
-                                         num_workers=self.num_workers, pin_memory=pin)
-        for x, y in dl:
+        if self._loader is None:
+            kw = {}
+            if self.num_workers > 0:
+                kw.update(persistent_workers=True, prefetch_factor=4)
+            self._loader = torch.utils.data.DataLoader(
+                _SeededItems(self.folder), batch_sampler=self._plan,
+                num_workers=self.num_workers, pin_memory=self.device.type == "cuda", **kw)
+        self._plan.batches = batches
+        for x, y in self._loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def steps(self, start_step: int = 0, end_step: Optional[int] = None):
+    def steps(self, start_step: int = 0, end_step: Optional[int] = None, part=None):
+        """Batches of global steps ``start_step, ...``; ``part=(rank, world)``: that rank's
+        share of each."""
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         n = self.iterations_per_epoch
@@ -260,7 +327,7 @@ class FolderLoader:
         while end_step is None or step < end_step:
             epoch, first = divmod(step, n)
             last = n if end_step is None else min(n, end_step - epoch * n)
-            yield from self._dataloader(self._batches(epoch, first, last))
+            yield from self._dataloader(self._batches(epoch, first, last, part))
             step = epoch * n + last
 
     def epoch(self, e: int = 0):

@@ -25,7 +25,7 @@ steps, masks) and all ranks call :func:`train` together.
 from __future__ import annotations
 
 import contextlib
-import math
+import contextvars
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastimp.distributed import env
-from fastimp.distributed.split import shard
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -75,20 +74,27 @@ def record(cfg, world: int, per_device_batch: Optional[int], precision: str,
             "accumulation_steps": n, "precision": precision, "channels_last": bool(channels_last)}
 
 
-def _batch_size_of(loader, step: int) -> int:
-    """Examples in the batch of global step ``step`` (the last batch of an epoch may be short)."""
-    ipe, B = loader.iterations_per_epoch, loader.batch_size
-    if not loader.drop_last and step % ipe == ipe - 1:
-        return loader.num_examples - (ipe - 1) * B
-    return B
-
-
-def _share(loader, step: int, lo: int, hi: int):
-    """Examples ``[lo, hi)`` of the batch of ``step``."""
-    if hasattr(loader, "share"):
-        return loader.share(step, lo, hi)
-    x, y = loader.batch(step)
-    return x[lo:hi], y[lo:hi]
+def _shares(loader, start: int, end: int, rank: int, world: int):
+    """(step, b, x, y): this rank's share of the batch of every step in ``[start, end)`` and the
+    batch's size b (the loader's ``steps(part=)`` when it has it: an image-folder loader then
+    decodes only the share, with its workers prefetching)."""
+    from fastimp.data.loader import batch_examples, batch_share
+    if world == 1:
+        for step, (x, y) in enumerate(loader.steps(start, end), start):
+            yield step, int(y.shape[0]), x, y
+        return
+    try:
+        it = loader.steps(start, end, part=(rank, world))
+    except TypeError:  # a loader without shares: take them from the whole batch
+        it = None
+    for step in range(start, end):
+        if it is not None:
+            x, y = next(it)
+        else:
+            lo, hi = batch_share(loader, step, rank, world)
+            x, y = loader.batch(step)
+            x, y = x[lo:hi], y[lo:hi]
+        yield step, batch_examples(loader, step), x, y
 
 
 class _Loaded:
@@ -191,11 +197,9 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
                           gradient_as_bucket_view=True, **_NO_BUFFER_BROADCAST)
             else:
                 net = model
-            while step < end:
-                b = _batch_size_of(loader, step)
-                lo_hi = shard(b, rank, W)
+            for at, b, x, y in _shares(loader, step, end, rank, W):
+                assert at == step
                 n_micro = micro_batches(b, W, per_device_batch)
-                x, y = _share(loader, step, lo_hi.start, lo_hi.stop)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 optimizer.zero_grad(set_to_none=False)
@@ -240,6 +244,85 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
     if checkpoint is not None and env.is_main() and not checkpoint.keep:
         checkpoint.remove()
     return result
+
+
+# --------------------------------------------------------------- the IMP runner's trainings
+_LEADER: "contextvars.ContextVar[Optional[Leader]]" = contextvars.ContextVar(
+    "fastimp_dp_leader", default=None)
+
+
+def current_leader() -> Optional["Leader"]:
+    """The :class:`Leader` of the data-parallel run this process (rank 0) is leading, or None."""
+    return _LEADER.get()
+
+
+@contextlib.contextmanager
+def leading():
+    """Rank 0 leads a data-parallel IMP run within it: the runner's trainings go to every rank
+    (:func:`train_runs`); on exit the followers are told to stop."""
+    with Leader() as leader:
+        token = _LEADER.set(leader)
+        try:
+            yield leader
+        finally:
+            _LEADER.reset(token)
+
+
+def options(config) -> Dict[str, Any]:
+    """:func:`train`'s options from an IMPConfig (``per_device_batch``, ``precision``,
+    ``channels_last``)."""
+    return {"per_device_batch": getattr(config, "per_device_batch", None),
+            "precision": getattr(config, "precision", "fp32"),
+            "channels_last": bool(getattr(config, "channels_last", False))}
+
+
+def needed(config, batch_size: int) -> bool:
+    """Whether a training of ``config`` needs this module rather than ``train_batched``: under a
+    data-parallel leader, or to accumulate gradients in one process."""
+    pdb = getattr(config, "per_device_batch", None)
+    return current_leader() is not None or (pdb is not None and pdb < batch_size)
+
+
+def run_spec(ctx) -> Dict[str, Any]:
+    """What a follower needs to build the run of ``ctx`` (a ``LevelTrainer``)."""
+    c = ctx.config
+    dev = torch.device(ctx.device)
+    return {"model": c.model, "num_classes": ctx.dataset.num_classes,
+            "model_kwargs": dict(c.model_kwargs), "dataset": c.dataset, "data_root": c.data_root,
+            "dataset_kwargs": dict(c.dataset_kwargs),
+            "device": "cuda" if dev.type == "cuda" else str(dev),
+            "num_workers": getattr(ctx, "num_workers", 0)}
+
+
+def train_runs(ctxs, models, masks, starts, ends, checkpoints, on_step=None, progress=False,
+               on_run_end=None, companions=None):
+    """``fastimp.imp.retraining.train_runs`` one run after another with :func:`train`
+    (data-parallel when leading, else in this process with accumulation); companions are
+    skipped, as ``train_batched``'s loop does."""
+    from fastimp.batched.engine import RunsView
+    leader = current_leader()
+    results = []
+    for i, model in enumerate(models):
+        if companions is not None and companions[i]:
+            results.append(None)
+            continue
+        ctx = ctxs[i]
+        cfg = ctx.train_config(starts[i])
+        cb = None
+        if on_step is not None:
+            def cb(step, m, opt, i=i):
+                on_step(step, RunsView([i], m, opt, lambda: None, models))
+        kw = dict(checkpoint=checkpoints[i], on_step=cb, progress=progress)
+        if leader is None:
+            res = train(model, cfg, ctx.loader, masks[i], starts[i], ends[i], **kw,
+                        **options(ctx.config))
+        else:
+            res = leader.train(run_spec(ctx), model, cfg, ctx.loader, masks[i], starts[i],
+                               ends[i], options=options(ctx.config), **kw)
+        results.append(res)
+        if on_run_end is not None:
+            on_run_end(i, res)
+    return results
 
 
 # ------------------------------------------------------------------- rank 0 leads, others follow
@@ -304,7 +387,8 @@ def follow():
             datasets[key] = data.get(spec["dataset"], root=spec["data_root"],
                                      device=spec["device"], **spec["dataset_kwargs"])
         cfg = tr.TrainConfig.from_dict(job["cfg"])
-        loader = tr.make_loader(datasets[key], cfg, device=spec["device"])
+        loader = tr.make_loader(datasets[key], cfg, device=spec["device"],
+                                num_workers=spec["num_workers"])
         model = models.get(spec["model"], num_classes=spec["num_classes"], seed=0,
                            **spec["model_kwargs"])
         masks = broadcast_masks(None, device=spec["device"]) if job["masks"] else None

@@ -15,7 +15,10 @@ PRUNINGS = ("magnitude", "random")
 # Fields that say *how much* of the experiment to run or *where*, not *what* it computes: they do
 # not enter the folder's hash, so a rerun with more levels, rewind steps or seeds reuses the folder.
 _NOT_HASHED = ("levels", "rewind_steps", "replicates", "seeds", "device", "data_root", "threads",
-               "batch_runs")
+               "batch_runs", "per_device_batch", "channels_last", "num_workers")
+# bf16 autocast changes what a level computes: ``precision`` enters the hash when it is not fp32
+# (so fp32 folders, and those made before the field existed, keep their names).
+PRECISIONS = ("fp32", "bf16")
 # Finetuning's lr and weight decay decide only what IMP-FT levels compute: they enter the hash only
 # for strategy "ft" and only when set, so WR / LRR folders and FT folders run before these fields
 # existed (None = the schedule's final lr and the run's weight decay) keep their names.
@@ -54,6 +57,12 @@ class IMPConfig:
     ``finetune_lr`` / ``finetune_weight_decay``: IMP-FT's retraining (Appendix B: a constant lr of
     the peak lr / 100, weight decay off); None keeps the schedule's lr at steps [T, 2T) (its final
     lr) resp. ``train.weight_decay``. They enter the hash only for ``strategy="ft"`` when set.
+    How each training runs (docs/DISTRIBUTED.md): ``precision`` ``"fp32"`` (default) or
+    ``"bf16"`` (autocast; hashed when not fp32); ``per_device_batch``: at most that many examples
+    per forward/backward on a device, the rest of its share of the batch by gradient accumulation
+    (None: the whole share); ``channels_last``: 2-D conv nets in channels-last memory format;
+    ``num_workers``: DataLoader workers of an image-folder data set (ImageNet; None: up to 8 per
+    process). These three do not enter the hash.
     """
     model: str = "mnist1d_mlp"
     dataset: str = "mnist1d"
@@ -73,6 +82,10 @@ class IMPConfig:
     finetune_lr: Optional[float] = None
     finetune_weight_decay: Optional[float] = None
     batch_runs: Union[str, int] = "auto"
+    precision: str = "fp32"
+    per_device_batch: Optional[int] = None
+    channels_last: bool = False
+    num_workers: Optional[int] = None
 
     def __post_init__(self):
         self.validate()
@@ -128,6 +141,18 @@ class IMPConfig:
                                          or not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"IMPConfig.threads: expected None or an int >= 1, "
                              f"got {self.threads!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"IMPConfig.precision: expected one of {PRECISIONS}, "
+                             f"got {self.precision!r}")
+        for name in ("per_device_batch", "num_workers"):
+            v = getattr(self, name)
+            least = 1 if name == "per_device_batch" else 0
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise ValueError(f"IMPConfig.{name}: expected None or an int >= {least}, "
+                                 f"got {v!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"IMPConfig.channels_last: expected true or false, "
+                             f"got {self.channels_last!r}")
         br = self.batch_runs
         if br != "auto" and (isinstance(br, bool) or not isinstance(br, int) or br < 1):
             raise ValueError(f"IMPConfig.batch_runs: expected 'auto' or an int >= 1, got {br!r}")
@@ -168,6 +193,8 @@ class IMPConfig:
         for k in _FINETUNE:
             if self.strategy != "ft" or d.get(k) is None:
                 d.pop(k, None)
+        if d.get("precision") == "fp32":
+            d.pop("precision")
         return d
 
     def hash(self) -> str:

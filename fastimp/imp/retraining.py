@@ -55,7 +55,9 @@ class LevelTrainer:
         seeds = config.replicate_seeds
         self.replicate = seeds.index(seed) if seed in seeds else 0
         self.train_cfg = replicate_train_config(config, seed)
-        self.loader = training.make_loader(dataset, self.train_cfg, device=str(device))
+        self.num_workers = loader_workers(config, dataset)
+        self.loader = training.make_loader(dataset, self.train_cfg, device=str(device),
+                                           num_workers=self.num_workers)
         self.test_loader = dataset.loader("test", max(self.train_cfg.batch_size, 1000),
                                           device=str(device))
         self.total_steps = self.train_cfg.total_steps(self.loader.iterations_per_epoch)
@@ -78,6 +80,30 @@ class LevelTrainer:
         """One run of this replicate (``train_runs`` with one run)."""
         return train_runs([self], [model], [masks], [start_step], [end_step], [checkpoint_path],
                           extra_on_step, batch_runs=1)[0]
+
+
+def loader_workers(config: IMPConfig, dataset) -> int:
+    """DataLoader workers of an image-folder data set: ``config.num_workers``, else up to 8 per
+    process (the node's cores shared by its torchrun processes); 0 for tensor data sets."""
+    if not getattr(dataset.train, "is_folder", False):
+        return 0
+    if getattr(config, "num_workers", None) is not None:
+        return int(config.num_workers)
+    import os
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, (os.cpu_count() or 1) // max(per_node, 1) - 1))
+
+
+def training_record(ctx: "LevelTrainer", result, parallel: str = "none") -> Dict:
+    """How a level was trained, for its stats.json: world size, per-rank batch, micro-batch,
+    accumulation steps, precision, channels_last and the parallel mode."""
+    from fastimp.distributed.data_parallel import options, record
+    how = getattr(result, "how", None)
+    if how is None:
+        o = options(ctx.config)
+        how = record(ctx.train_cfg, 1, o["per_device_batch"], o["precision"],
+                     o["channels_last"])
+    return dict(how, parallel=parallel)
 
 
 def batching_options(batch_runs) -> Dict:
@@ -111,11 +137,18 @@ def train_runs(ctxs: Sequence["LevelTrainer"], models, masks, starts, ends,
     paths = checkpoint_paths or [None] * len(models)
     ckpts = [None if p is None else training.Checkpoint(p, every=ctx.checkpoint_every)
              for p, ctx in zip(paths, ctxs)]
+    from fastimp.distributed import data_parallel
+    if data_parallel.needed(ctxs[0].config, ctxs[0].train_cfg.batch_size):
+        return data_parallel.train_runs(ctxs, models, masks, starts, ends, ckpts,
+                                        on_step if callbacks else None,
+                                        any(c.progress for c in ctxs), on_run_end, companions)
+    opts = data_parallel.options(ctxs[0].config)
     return training.train_batched(
         list(models), [c.train_config(s) for c, s in zip(ctxs, starts)],
         [c.loader for c in ctxs], list(masks),
         list(starts), list(ends), on_step=on_step if callbacks else None, checkpoint=ckpts,
         progress=any(c.progress for c in ctxs), on_run_end=on_run_end, companions=companions,
+        precision=opts["precision"], channels_last=opts["channels_last"],
         **batching_options(batch_runs))
 
 
@@ -131,7 +164,9 @@ def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Opt
     Several runs at once: ``masks`` a list, and each of ``rewind_step``, ``replicate``, ``level``,
     ``start`` either one value for all or a list of the same length -> a list of
     ``(state_dict, stats)`` in that order. ``start`` (a state dict) replaces the weights training
-    starts from (w_tau or w^(level)); the mask is applied to it.
+    starts from (w_tau or w^(level)); the mask is applied to it. Under torchrun (every rank
+    calling it alike) each rank trains a contiguous share of the list and every rank gets all
+    the results, in order.
     """
     if not isinstance(masks, (list, tuple)):
         return _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress,
@@ -147,10 +182,17 @@ def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Opt
         else:
             per_run[name] = [value] * n
     contexts: Dict = {}  # one LevelTrainer per (seed, device), shared by its runs
-    jobs = [_retrain_job(run, masks[i], per_run["rewind_step"][i], per_run["replicate"][i],
+
+    def trained(ids):
+        return _retrain_jobs(run, [
+            _retrain_job(run, masks[i], per_run["rewind_step"][i], per_run["replicate"][i],
                          per_run["level"][i], strategy, device, progress, per_run["start"][i],
-                         contexts) for i in range(n)]
-    return _retrain_jobs(run, jobs)
+                         contexts) for i in ids])
+    from fastimp import distributed
+    from fastimp.distributed.data_parallel import current_leader
+    if distributed.active() and distributed.world_size() > 1 and current_leader() is None:
+        return distributed.spread(range(n), trained)  # under torchrun: a share per rank
+    return trained(range(n))
 
 
 def _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress, start):

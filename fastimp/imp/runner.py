@@ -22,7 +22,8 @@ from fastimp._io import load_json, load_torch, save_json, save_torch
 from fastimp.imp.config import IMPConfig
 from fastimp.imp.folder import Run, collect_results, level_dir, load_run, rewind_dir
 from fastimp.imp.retraining import (DEFAULT_CHECKPOINT_EVERY, LevelTrainer, cpu_state,
-                                     float_or_none, load_dataset, resolve_device, train_runs)
+                                     float_or_none, load_dataset, resolve_device,
+                                     training_record, train_runs)
 from fastimp.imp.matching import summarize
 from fastimp.imp.strategies import PREVIOUS, level_plan
 from fastimp.training import NonFiniteLossError
@@ -227,6 +228,7 @@ def _finish_level(job: _LevelJob, folder: Path, result,
         "next_weights_remaining": int(next_masks.remaining()) / total if total else 1.0,
         "start_step": plan.start_step, "end_step": plan.end_step,
         "start": plan.start, "seconds": result.seconds,
+        **training_record(ctx, result, getattr(ctx, "parallel", "none")),
     }
     save_json(stats, d / "stats.json")
     return stats
@@ -235,7 +237,7 @@ def _finish_level(job: _LevelJob, folder: Path, result,
 def run(config: IMPConfig, out_dir, progress: bool = True, *,
         on_step: Optional[Callable] = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         eps: Optional[float] = None, wait: bool = False,
-        on_wait: Optional[Callable] = None) -> Run:
+        on_wait: Optional[Callable] = None, parallel: str = "data") -> Optional[Run]:
     """Run (or resume) IMP; returns the :class:`Run` of ``out_dir/imp_<hash>``.
 
     ``on_step(step, model, optimizer)`` is called after every training step (tests use it to
@@ -247,33 +249,58 @@ def run(config: IMPConfig, out_dir, progress: bool = True, *,
     ``RunLockedError`` naming it, or with ``wait=True`` waits for it (``on_wait(holder)`` first).
     The folder's files are verified and bad ones recomputed (:mod:`fastimp.imp.verify`); temp
     files of killed writers are deleted. Ctrl-C raises :class:`Interrupted` saying where.
+
+    Under torchrun (every rank calling it, docs/DISTRIBUTED.md): ``parallel="data"`` trains every
+    run data-parallel over the ranks (rank 0 runs this loop, writes and holds the lock; the other
+    ranks follow it and return its Run, or None when they cannot see the folder);
+    ``parallel="runs"`` gives each rank a share of the (replicate, rewind step) runs, which it
+    trains (batched) and writes; rank 0 holds the lock and writes results.json at the end.
     """
-    from fastimp._io import clean_stale_tmp
-    from fastimp.imp import preflight, verify
-    from fastimp.imp.lock import RunLock
+    from fastimp.distributed import data_parallel
+    from fastimp.imp import parallel as par
     if not isinstance(config, IMPConfig):
         raise TypeError(f"config: expected an IMPConfig, got {type(config).__name__}")
     config.validate()
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected an int >= 1, got {checkpoint_every!r}")
+    mode = par.mode(parallel)
+    if mode == "data" and not par.is_main():
+        return par.follower_run(data_parallel.follow())
+    with (data_parallel.leading() if mode == "data" else par.nothing()) as leader:
+        return _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait,
+                           on_wait, mode, leader)
+
+
+def _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait, on_wait, mode,
+                leader) -> Run:
+    from fastimp._io import clean_stale_tmp
+    from fastimp.imp import parallel as par
+    from fastimp.imp import preflight, verify
     device = resolve_device(config.device)
     plan = preflight.check(config, out_dir, device)  # nothing is written before this passes
     folder = plan.folder
-    with RunLock(folder, wait=wait, on_wait=on_wait):
-        # again under the lock: another process may have extended the run meanwhile
-        merged = preflight.merge_config(preflight.read_config(folder), config, folder)
-        clean_stale_tmp(folder)
-        repair = verify.scan(folder, merged, plan.model)
-        verify.apply(repair)
-        save_json(merged.to_dict(), folder / "config.json")
-        (folder / "analysis").mkdir(exist_ok=True)
+    if leader is not None:
+        leader.folder = folder
+    main = par.is_main()
+    with par.run_lock(folder, wait, on_wait, mode):
+        merged = repair = None
+        if main:
+            # again under the lock: another process may have extended the run meanwhile
+            merged = preflight.merge_config(preflight.read_config(folder), config, folder)
+            clean_stale_tmp(folder)
+            repair = verify.scan(folder, merged, plan.model)
+            verify.apply(repair)
+            save_json(merged.to_dict(), folder / "config.json")
+            (folder / "analysis").mkdir(exist_ok=True)
+        if mode == "runs":  # rank 0 has checked and repaired the folder; every rank sees it
+            merged, repair = par.agree((merged, repair))
 
         threads = torch.get_num_threads()
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         try:
             _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps,
-                 dataset=plan.dataset, repair=repair)
+                 dataset=plan.dataset, repair=repair, mode=mode)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted at {verify.interrupted_at(folder, merged)}; "
                               "finished levels are kept and an unfinished one resumes from "
@@ -281,9 +308,12 @@ def run(config: IMPConfig, out_dir, progress: bool = True, *,
                               "same command to resume") from None
         finally:
             torch.set_num_threads(threads)
-        verify.rebuild_init(repair, merged, plan.dataset.num_classes)
-        verify.confirm(repair, merged, plan.model, device)
-        write_results(folder, merged, eps=eps)
+        par.barrier(mode)  # every rank's runs are finished
+        if main:
+            verify.rebuild_init(repair, merged, plan.dataset.num_classes)
+            verify.confirm(repair, merged, plan.model, device)
+            write_results(folder, merged, eps=eps)
+        par.barrier(mode)
     return load_run(folder)
 
 
@@ -292,7 +322,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _run(config, merged, folder, device, progress, on_step, checkpoint_every, eps, dataset=None,
-         repair=None):
+         repair=None, mode="none"):
     """Level by level: all replicates x rewind steps of a level train as one batched program
     (``config.batch_runs``), then each is evaluated and pruned; finished levels are skipped.
     ``repair``: what ``verify.scan`` found to recompute (those retrain with their companions)."""
@@ -302,8 +332,15 @@ def _run(config, merged, folder, device, progress, on_step, checkpoint_every, ep
         ctx = LevelTrainer(config, seed, device, dataset, on_step, False, checkpoint_every)
         ctx.replicate = merged.replicate_seeds.index(seed)
         ctx.progress = progress and ctx.total_steps > 2000  # a bar per training when long
+        ctx.parallel = mode
         ctxs.append(ctx)
     runs = [(ctx, tau) for ctx in ctxs for tau in config.rewind_steps]
+    pre = ctxs
+    if mode == "runs":  # this rank's share of the pre-trainings, then of the runs
+        from fastimp.distributed import shard
+        pre = [ctxs[i] for i in shard(len(ctxs))]
+        runs = [runs[i] for i in shard(len(runs))]
+    writes_results = mode != "runs"
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -312,8 +349,11 @@ def _run(config, merged, folder, device, progress, on_step, checkpoint_every, ep
                    desc=f"IMP-{config.strategy.upper()} {config.model}: {config.levels + 1} "
                         f"levels x {n_runs} run{'s' if n_runs > 1 else ''}")
     try:
-        _pretrain(ctxs, folder, config.rewind_steps, config.batch_runs,
+        _pretrain(pre, folder, config.rewind_steps, config.batch_runs,
                   {seed for seed, _ in repair.rewind_states} if repair else ())
+        if mode == "runs":
+            from fastimp.distributed import barrier
+            barrier()  # every replicate's rewind points are written
         for level in range(config.levels + 1):
             todo, done = [], []
             for ctx, tau in runs:
@@ -334,7 +374,8 @@ def _run(config, merged, folder, device, progress, on_step, checkpoint_every, ep
                 dense = None if level == 0 else load_json(
                     level_dir(folder, job.ctx.seed, job.tau, 0) / "stats.json")
                 stats = _finish_level(job, folder, result, dense)
-                write_results(folder, merged, eps=eps)
+                if writes_results:  # --parallel runs: rank 0, once every rank has finished
+                    write_results(folder, merged, eps=eps)
                 _advance(bar, level, config.levels, stats)
             _train_level(jobs, config.batch_runs, finish)
     finally:
