@@ -7,7 +7,10 @@ Scenarios:
 - ``basic``: masks broadcast and verified, a mismatch detected on every rank, landscape points
   and Hessian probes / SLQ runs / Lanczos products split over the ranks;
 - ``cli=DIR``: ``fastimp plane``, ``barrier`` and ``hessian`` on the run folder DIR (as under
-  torchrun: the points and probes split, rank 0 writing).
+  torchrun: the points and probes split, rank 0 writing);
+- ``imp=OUT``: ``fastimp.imp.run`` of :func:`imp_config` data-parallel into OUT/data, with
+  ``--parallel runs`` into OUT/runs, and data-parallel with rank 1 handed other masks than rank
+  0's into OUT/mismatch (the error is recorded).
 """
 import contextlib
 import sys
@@ -109,6 +112,66 @@ def cli(out, run_dir):
     torch.save({"codes": codes, "counts": counts}, f"{out}/cli_rank{D.rank()}.pt")
 
 
+def imp_config(**kw):
+    """A small IMP run that learns something in a few steps (MNIST-1D MLP, batch 50 over 2
+    ranks: shares of 25; 3 levels, 2 rewind steps, 2 replicates)."""
+    from fastimp.imp import IMPConfig
+    from fastimp.training import TrainConfig
+    train = TrainConfig(steps=40, batch_size=50, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                        schedule="step", milestones=(30,), gamma=0.1)
+    base = dict(model="mnist1d_mlp", dataset="mnist1d", train=train, levels=2,
+                rewind_steps=[0, 8], replicates=2, model_kwargs={"hidden": [32]})
+    base.update(kw)
+    return IMPConfig(**base)
+
+
+def imp_runs(out):
+    from fastimp import distributed as D
+    from fastimp import imp
+    from fastimp.distributed import masks as dm
+    r = D.rank()
+    record = {}
+    from fastimp import training
+    from fastimp.distributed import data_parallel as dp
+    calls = []   # (how, runs, examples of the first step on this rank)
+    dp_train, batched = dp.train, training.train_batched
+
+    def dp_spy(model, cfg, loader, *a, **k):
+        calls.append(("data-parallel", 1))
+        return dp_train(model, cfg, loader, *a, **k)
+
+    def batched_spy(models, *a, **k):
+        calls.append(("batched", len(models)))
+        return batched(models, *a, **k)
+    dp.train, training.train_batched = dp_spy, batched_spy
+    try:
+        for mode in ("data", "runs"):
+            calls.clear()
+            res = imp.run(imp_config(), f"{out}/{mode}", progress=False, parallel=mode)
+            record[mode] = {"dir": str(res.dir), "calls": list(calls)}
+    finally:
+        dp.train, training.train_batched = dp_train, batched
+    broadcast = dm.broadcast_masks
+
+    def other_masks(masks, src=0, device=None):  # rank 1 trains under a mask one bit off
+        got = broadcast(masks, src, device)
+        if D.rank() == 1:
+            name = list(got)[-1]
+            t = got[name].clone()
+            t.view(-1)[0] = ~t.view(-1)[0]
+            got = type(got)({**dict(got), name: t})
+        return got
+    dm.broadcast_masks = other_masks
+    try:
+        imp.run(imp_config(levels=1), f"{out}/mismatch", progress=False, parallel="data")
+        record["mismatch"] = None
+    except Exception as exc:  # every rank must stop
+        record["mismatch"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        dm.broadcast_masks = broadcast
+    torch.save(record, f"{out}/imp_rank{r}.pt")
+
+
 def cli_commands(run_dir):
     return [["plane", run_dir, "--grid", "4", "--level", "0"],
             ["barrier", run_dir, "--betas", "0.25", "0.5", "0.75"],
@@ -123,5 +186,6 @@ if __name__ == "__main__":
     out = sys.argv[1]
     for scenario in sys.argv[2:]:
         name, _, arg = scenario.partition("=")
-        {"basic": lambda: basic(out), "cli": lambda: cli(out, arg)}[name]()
+        {"basic": lambda: basic(out), "cli": lambda: cli(out, arg),
+         "imp": lambda: imp_runs(arg)}[name]()
     distributed.shutdown()

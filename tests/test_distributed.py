@@ -1,8 +1,11 @@
 """torch.distributed (issue 11), on the CPU with gloo and 2 processes started by the tests as
-torchrun starts them (tests/distributed_harness.py): masks broadcast and verified (a mismatch is
-an error on every rank), landscape points and Hessian probes split over the ranks equal to one
-process, the analysis commands under torchrun equal to one process, and the pieces that need no
-second process (shares, checksums, rank-0-only writes, the Slurm script, --dry-run)."""
+torchrun starts them (tests/distributed_harness.py; one job runs every scenario of
+distributed_worker.py, since process startup is the cost): data-parallel IMP and --parallel runs
+equal to one process, masks broadcast and verified (a mismatch stops every rank), landscape
+points and Hessian probes split over the ranks equal to one process, the analysis commands under
+torchrun equal to one process, a run killed under torchrun resuming under torchrun and in one
+process; and the pieces that need no second process (shares, checksums, rank-0-only writes,
+accumulation, global BatchNorm, loaders' shares, the Slurm script, --dry-run)."""
 import json
 import os
 import shutil
@@ -148,10 +151,11 @@ def two_ranks(tmp_path_factory):
     alone, split = base / "alone" / run.dir.name, base / "split" / run.dir.name
     shutil.copytree(run.dir, alone)
     shutil.copytree(run.dir, split)
-    res = launch([WORKER, str(base), "basic", f"cli={split}"])
+    res = launch([WORKER, str(base), "basic", f"cli={split}", f"imp={base / 'imp'}"])
     assert res.ok, res.explain()
-    out = {name: [torch.load(base / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
-           for name in ("basic", "cli")}
+    out = {name: [torch.load(base / ("imp" if name == "imp" else "") / f"{name}_rank{r}.pt",
+                             weights_only=False) for r in (0, 1)]
+           for name in ("basic", "cli", "imp")}
     return base, out, alone, split
 
 
@@ -227,3 +231,136 @@ def test_plane_barrier_hessian_under_torchrun_equal_one_process(two_ranks):
             a, b = np.load(split / f), np.load(alone / f)
             np.testing.assert_allclose(a["nodes"], b["nodes"], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-4, atol=1e-6)
+
+
+def _imp_alone(base):
+    from distributed_worker import imp_config
+    from fastimp import imp
+    return imp.run(imp_config(), base / "imp_alone", progress=False)
+
+
+def _same_runs(a, b, err_tol=2e-3, weight_tol=1e-5):
+    """Every level of every rewind step and replicate: the same masks, test errors and weights
+    to float tolerance."""
+    assert a.rewind_steps == b.rewind_steps and a.replicates == b.replicates
+    for tau in a.rewind_steps:
+        for r in a.replicates:
+            assert a.levels(tau, r) == b.levels(tau, r) == [0, 1, 2]
+            for L in a.levels(tau, r):
+                assert a.mask(L, tau, r) == b.mask(L, tau, r), (tau, r, L)
+                ea, eb = a.stats(L, tau, r)["test_error"], b.stats(L, tau, r)["test_error"]
+                assert abs(ea - eb) <= err_tol, (tau, r, L, ea, eb)
+                sa, sb = a.solution(L, tau, r), b.solution(L, tau, r)
+                assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= weight_tol
+
+
+def test_data_parallel_imp_equals_one_process(two_ranks):
+    from fastimp.imp import load_run
+    base, out, _, _ = two_ranks
+    alone = _imp_alone(base)
+    for rank in (0, 1):
+        rec = out["imp"][rank]["data"]
+        # every training (2 pre-trainings, 2 replicates x 2 rewind steps x 3 levels) on both
+        assert rec["calls"] == [("data-parallel", 1)] * 14, rec["calls"]
+    split = load_run(out["imp"][0]["data"]["dir"])
+    assert split.dir.name == alone.dir.name
+    _same_runs(split, alone)
+    assert min(s["test_error"] for s in split.results()) < 0.8   # it learned (chance: 0.9)
+    st = split.stats(1, 8, 1)
+    assert (st["world_size"], st["per_rank_batch"], st["micro_batch"], st["accumulation_steps"],
+            st["precision"], st["parallel"]) == (2, 25, 25, 1, "fp32", "data")
+    assert alone.stats(1, 8, 1)["world_size"] == 1
+    assert not list(split.dir.rglob("checkpoint.pt")) and not list(split.dir.rglob(".*.tmp*"))
+
+
+def test_parallel_runs_equals_one_process_each_rank_its_share(two_ranks):
+    from fastimp.imp import load_run
+    base, out, _, _ = two_ranks
+    alone = load_run(next((base / "imp_alone").iterdir())) if (base / "imp_alone").exists() \
+        else _imp_alone(base)
+    calls = [out["imp"][r]["runs"]["calls"] for r in (0, 1)]
+    # rank r: its replicate's pre-training, then its 2 runs (tau 0 and 8) per level, batched
+    assert calls[0] == calls[1] == [("batched", 1)] + [("batched", 2)] * 3, calls
+    runs = load_run(out["imp"][0]["runs"]["dir"])
+    _same_runs(runs, alone)
+    assert {s["parallel"] for s in runs.results()} == {"runs"}
+    rows = json.loads((runs.dir / "results.json").read_text())
+    assert len(rows) == 2 * 2 * 3                       # rank 0 wrote every rank's levels
+    assert json.loads((runs.dir / "summary.json").read_text()) == runs.summary()
+
+
+def test_a_mask_mismatch_between_ranks_stops_every_rank(two_ranks):
+    _, out, _, _ = two_ranks
+    for rank in (0, 1):
+        err = out["imp"][rank]["mismatch"]
+        assert err is not None and err.startswith("MaskMismatchError"), err
+        assert "fc.weight" in err and "replicate 0 (seed 0)" in err
+
+
+KILL_OVERRIDES = ["model=mnist1d_mlp", 'model_kwargs={"hidden":[32]}', "levels=2", "replicates=1",
+                  "seeds=null", "rewind_steps=0", "train.steps=150", "train.milestones=100,130",
+                  "train.batch_size=50", "threads=1"]
+
+
+def _wait_for(path_glob, root: Path, proc, timeout=120.0):
+    import time
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        hits = list(root.glob(path_glob))
+        if hits:
+            return hits[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"torchrun ended (exit {proc.returncode}) before {path_glob}:\n"
+                                 + proc.stdout.read()[-4000:])
+        time.sleep(0.01)
+    raise AssertionError(f"no {path_glob} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_run_killed_under_torchrun_resumes_under_torchrun_and_in_one_process(tmp_path):
+    """Killed (SIGKILL, every process) in level 1 under torchrun; resumed in one process, which is
+    interrupted in level 2; resumed under torchrun to the end: equal to an uninterrupted run."""
+    from distributed_harness import base_env, kill_tree, torchrun_cmd
+    from fastimp import imp, presets
+    cfg = presets.get("mnist1d").with_overrides(KILL_OVERRIDES)
+    ref = imp.run(cfg, tmp_path / "ref", progress=False, checkpoint_every=5)
+    out = tmp_path / "runs"
+    cmd = torchrun_cmd(2) + ["-m", "fastimp", "imp", "--preset", "mnist1d", "--out", str(out),
+                             "--no-progress", "--checkpoint-every", "5", *KILL_OVERRIDES]
+    proc = subprocess.Popen(cmd, env=base_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        ckpt = _wait_for("imp_*/seed_0/rewind_0/level_1/checkpoint.pt", out, proc)
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
+    folder = ckpt.parents[3]
+    assert (folder / "seed_0/rewind_0/level_0/stats.json").exists()
+    assert not (folder / "seed_0/rewind_0/level_1/stats.json").exists(), "killed too late"
+    assert ckpt.exists()
+
+    class Stop(Exception):
+        pass
+    seen = []
+
+    def stop(step, model, optimizer):   # one process: resume level 1, stop inside level 2
+        seen.append(step)
+        if (folder / "seed_0/rewind_0/level_2/checkpoint.pt").exists():
+            raise Stop
+    with pytest.raises(Stop):
+        imp.run(cfg, out, progress=False, checkpoint_every=5, on_step=stop)
+    assert seen[0] > 5, "level 1 resumed from its checkpoint, not from step 0"
+    assert (folder / "seed_0/rewind_0/level_1/stats.json").exists()
+    assert not (folder / "seed_0/rewind_0/level_2/stats.json").exists()
+
+    res = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = imp.load_run(folder)
+    assert run.levels(0) == [0, 1, 2]
+    for L in (0, 1, 2):
+        assert run.mask(L) == ref.mask(L)
+        assert abs(run.stats(L)["test_error"] - ref.stats(L)["test_error"]) <= 2e-3
+        a, b = run.solution(L), ref.solution(L)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert [run.stats(L)["world_size"] for L in (0, 1, 2)] == [2, 1, 2]
+    assert not list(folder.rglob("checkpoint.pt")) and not list(folder.rglob(".*.tmp*"))

@@ -133,13 +133,13 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
           end_step: Optional[int] = None, *, checkpoint=None,
           on_step: Optional[Callable] = None, progress: bool = False,
           per_device_batch: Optional[int] = None, precision: str = "fp32",
-          channels_last: bool = False):
+          channels_last: bool = False, label: Optional[str] = None):
     """Train ``model`` for global steps ``[start_step, end_step)`` data-parallel over the ranks
     (every rank calls it with the same model architecture, config, loader and masks; the weights
     and a checkpoint come from rank 0) -> ``fastimp.training.TrainResult`` with the global
     losses, on every rank. ``checkpoint``/``on_step``/``progress`` matter on rank 0 only (a
     ``fastimp.training.Checkpoint``: read there for every rank, written there). See the module
-    docstring."""
+    docstring. ``label`` names the run in errors."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from fastimp import training as tr
@@ -161,7 +161,7 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
     model.to(device)
     by_name = tr._mask_dict(model, masks)
     if group:
-        verify_masks(by_name, f"the masks of steps {start}..{end}")
+        verify_masks(by_name, f"the masks of {label or 'the run'} (steps {start}..{end})")
     tr._apply_masks(model, by_name)
     optimizer = tr.make_optimizer(model, cfg, by_name)
     scheduler = tr.make_scheduler(optimizer, cfg, ipe, start)
@@ -312,7 +312,8 @@ def train_runs(ctxs, models, masks, starts, ends, checkpoints, on_step=None, pro
         if on_step is not None:
             def cb(step, m, opt, i=i):
                 on_step(step, RunsView([i], m, opt, lambda: None, models))
-        kw = dict(checkpoint=checkpoints[i], on_step=cb, progress=progress)
+        kw = dict(checkpoint=checkpoints[i], on_step=cb, progress=progress,
+                  label=f"replicate {ctx.replicate} (seed {ctx.seed})")
         if leader is None:
             res = train(model, cfg, ctx.loader, masks[i], starts[i], ends[i], **kw,
                         **options(ctx.config))
@@ -348,7 +349,7 @@ class Leader:
         return False
 
     def train(self, spec: Dict[str, Any], model, cfg, loader, masks, start, end, *,
-              checkpoint=None, on_step=None, progress=False, options=None):
+              checkpoint=None, on_step=None, progress=False, options=None, label=None):
         """Train one run with every rank. ``spec``: what a follower needs to build the run
         (``model``, ``num_classes``, ``model_kwargs``, ``dataset``, ``data_root``,
         ``dataset_kwargs``, ``device``); ``options``: :func:`train`'s ``per_device_batch``,
@@ -357,11 +358,12 @@ class Leader:
         options = dict(options or {})
         self.in_job = True
         env.agree({"op": "train", "spec": spec, "cfg": cfg.to_dict(), "start": start,
-                   "end": end, "options": options, "masks": masks is not None})
+                   "end": end, "options": dict(options, label=label),
+                   "masks": masks is not None})
         if masks is not None:
             masks = broadcast_masks(masks, device=loader.device)
         result = train(model, cfg, loader, masks, start, end, checkpoint=checkpoint,
-                       on_step=on_step, progress=progress, **options)
+                       on_step=on_step, progress=progress, label=label, **options)
         self.in_job = False
         return result
 
