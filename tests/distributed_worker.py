@@ -62,8 +62,14 @@ def counting():
     import importlib
     from fastimp.hessian import hvp
     ev = importlib.import_module("fastimp.landscape.evaluate")
-    counts = {"points": 0, "probe_rows": 0, "batches": 0}
+    from fastimp.imp import retraining
+    counts = {"points": 0, "probe_rows": 0, "batches": 0, "retrained": 0}
     run_chunks, matvec = ev._run_chunks, hvp.HVPOperator._matvec
+    retrain_jobs = retraining._retrain_jobs
+
+    def counting_retrain(run, jobs):
+        counts["retrained"] += len(jobs)
+        return retrain_jobs(run, jobs)
 
     def counting_chunks(plan, C, *a, **k):
         counts["points"] += C.shape[0]
@@ -74,10 +80,12 @@ def counting():
         counts["batches"] += len(self.batches if batches is None else batches)
         return matvec(self, V, batches, decay)
     ev._run_chunks, hvp.HVPOperator._matvec = counting_chunks, counting_matvec
+    retraining._retrain_jobs = counting_retrain
     try:
         yield counts
     finally:
         ev._run_chunks, hvp.HVPOperator._matvec = run_chunks, matvec
+        retraining._retrain_jobs = retrain_jobs
 
 
 def basic(out):
@@ -161,6 +169,19 @@ def imp_runs(out):
             t.view(-1)[0] = ~t.view(-1)[0]
             got = type(got)({**dict(got), name: t})
         return got
+    from fastimp.imp.lock import RunLock
+    for mode in ("data", "runs"):  # another process holds the folder: every rank stops
+        lock = RunLock(f"{out}/locked/{imp_config().folder_name()}") if r == 0 else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            imp.run(imp_config(), f"{out}/locked", progress=False, parallel=mode)
+            record[f"locked_{mode}"] = None
+        except Exception as exc:
+            record[f"locked_{mode}"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if lock is not None:
+                lock.release()
     dm.broadcast_masks = other_masks
     try:
         imp.run(imp_config(levels=1), f"{out}/mismatch", progress=False, parallel="data")
@@ -177,7 +198,9 @@ def cli_commands(run_dir):
             ["barrier", run_dir, "--betas", "0.25", "0.5", "0.75"],
             ["hessian", run_dir, "--level", "1", "--iterations", "6", "--runs", "3",
              "--trace-samples", "5", "--probes-per-pass", "2", "--top-n", "2", "--eps", "0.01",
-             "--subset", "300", "--tol", "1e-6"]]
+             "--subset", "300", "--tol", "1e-6"],
+            ["prune-scan", run_dir, "--level", "1", "--ratios", "0.3,0.6", "--methods",
+             "magnitude", "--eps-matching", "0.05"]]
 
 
 if __name__ == "__main__":

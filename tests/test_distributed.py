@@ -128,6 +128,165 @@ def test_dry_run_prints_the_plan_without_data_or_writes(tmp_path, capsys):
     assert e.per_rank_batch * 8 == 2048
 
 
+def test_rank_shares_of_a_batch_are_the_batch(tmp_path):
+    """Loader.share / steps(part=): the ranks' shares of step s, concatenated, are the
+    one-process batch of step s (augmentation draws included; the short last batch too)."""
+    from fastimp import data
+    from fastimp.data.loader import batch_examples, batch_share
+    ds = data.get("synthetic", shape=(3, 6, 6), num_classes=3, train_size=23, test_size=5)
+    loader = ds.loader("train", 5, seed=4)                  # cifar augmentation, ipe 5 (last: 3)
+    for world in (1, 2, 3):
+        parts = [list(loader.steps(3, 11, part=(r, world))) for r in range(world)]
+        for i, step in enumerate(range(3, 11)):
+            x, y = loader.batch(step)
+            assert batch_examples(loader, step) == len(y) == (3 if step % 5 == 4 else 5)
+            assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
+            assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
+            lo, hi = batch_share(loader, step, world - 1, world)
+            assert torch.equal(loader.share(step, lo, hi)[0], x[lo:hi])
+
+
+def test_image_folder_shares_with_persistent_workers(tmp_path):
+    """The ImageNet loader: one DataLoader with persistent workers over every epoch; a rank
+    decodes only its share, and the shares make up the batch."""
+    from PIL import Image
+    from torchvision import datasets as tvd
+    from fastimp.data.loader import FolderLoader
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(tmp_path / c / f"{i}.png")
+    from torchvision import transforms as T
+    folder = tvd.ImageFolder(str(tmp_path), transform=T.Compose([
+        T.RandomResizedCrop(6, scale=(0.5, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()]))
+    one = FolderLoader(folder, 4, seed=1, num_workers=0)
+    two = [FolderLoader(folder, 4, seed=1, num_workers=1) for _ in range(2)]
+    whole = list(one.steps(1, 7))
+    parts = [list(ld.steps(1, 7, part=(r, 2))) for r, ld in enumerate(two)]
+    for i in range(6):
+        assert torch.equal(torch.cat([p[i][0] for p in parts]), whole[i][0])
+        assert torch.equal(torch.cat([p[i][1] for p in parts]), whole[i][1])
+    dl = two[0]._loader
+    assert dl.persistent_workers and dl.num_workers == 1
+    list(two[0].steps(7, 9, part=(0, 2)))
+    assert two[0]._loader is dl                           # the same workers, next epoch
+    assert torch.equal(two[1].share(5, 1, 2)[0], whole[4][0][1:2])   # step 5: 2 examples
+
+
+def test_micro_batches_and_the_record_of_how_a_run_trained():
+    from fastimp.distributed.data_parallel import micro_batches, record
+    from fastimp.training import TrainConfig
+    assert micro_batches(2048, 1, 256) == 8 and micro_batches(2048, 8, 256) == 1
+    assert micro_batches(2048, 8, None) == 1 and micro_batches(50, 2, 7) == 4
+    assert micro_batches(5, 8, 2) == 1                    # shares of 0 or 1 example
+    assert record(TrainConfig(batch_size=2048), 1, 256, "bf16", True) == {
+        "world_size": 1, "per_rank_batch": 2048, "micro_batch": 256, "accumulation_steps": 8,
+        "precision": "bf16", "channels_last": True}
+
+
+def _small_train(steps=12):
+    from fastimp import data
+    from fastimp.training import TrainConfig
+    ds = data.get("mnist1d")
+    return ds, TrainConfig(steps=steps, batch_size=50, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                           milestones=(8,), data_seed=2)
+
+
+def test_accumulation_in_one_process_equals_the_whole_batch():
+    from fastimp import models, training
+    from fastimp.distributed import data_parallel as dp
+    from fastimp.pruning import prune_magnitude
+    ds, cfg = _small_train()
+    ref = models.get("mnist1d_mlp", seed=3, hidden=[32])
+    masks = prune_magnitude(ref, 0.5)
+    acc = models.get("mnist1d_mlp", seed=3, hidden=[32])
+    a = training.train(ref, cfg, ds, masks=masks, progress=False)
+    b = dp.train(acc, cfg, training.make_loader(ds, cfg), masks, per_device_batch=7)
+    assert b.how["accumulation_steps"] == 8 and b.how["world_size"] == 1
+    torch.testing.assert_close(b.losses, a.losses, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        if n in masks:
+            assert bool((q[~masks[n]] == 0).all())         # pruned weights stay exactly 0
+
+
+def test_bf16_autocast_and_channels_last_train_close_to_fp32():
+    from fastimp import data, models, training
+    from fastimp.distributed import data_parallel as dp
+    ds = data.get("synthetic", shape=(3, 8, 8), num_classes=4, train_size=64, test_size=8)
+    cfg = training.TrainConfig(steps=4, batch_size=16, lr=0.05, momentum=0.9, milestones=())
+    nets = [models.get("cifar_resnet_20", num_classes=4, seed=1) for _ in range(2)]
+    loader = training.make_loader(ds, cfg)
+    a = dp.train(nets[0], cfg, loader)
+    b = dp.train(nets[1], cfg, loader, precision="bf16", channels_last=True, per_device_batch=8)
+    assert (b.how["precision"], b.how["channels_last"], b.how["accumulation_steps"]) == \
+        ("bf16", True, 2)
+    assert torch.isfinite(b.losses).all()
+    torch.testing.assert_close(b.losses, a.losses, rtol=0.05, atol=0.05)
+    w = next(nets[1].parameters())
+    assert w.dtype == torch.float32 and w.is_contiguous()   # fp32 master weights, given back
+    with pytest.raises(ValueError, match="precision"):
+        dp.train(nets[1], cfg, loader, precision="fp16")
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process (the collectives are identities)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_is_batchnorm_on_the_global_batch(one_rank_group):
+    """GlobalBatchNorm (the CPU SyncBatchNorm) with its all-reduced sums: forward, input and
+    parameter gradients and running statistics of torch's BatchNorm on the same batch."""
+    from torch import nn
+    from fastimp.distributed.batchnorm import GlobalBatchNorm, synchronized
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 5, 4, 3, generator=g) * 3 + 1).requires_grad_(True)
+    ref = nn.BatchNorm2d(5, momentum=0.3)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(5, generator=g) + 0.5)
+        ref.bias.copy_(torch.randn(5, generator=g))
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm2d(5, momentum=0.3))
+    model[1].load_state_dict(ref.state_dict())
+    xr = x.detach().clone().requires_grad_(True)
+    w = torch.randn(6, 5, 4, 3, generator=g)
+    ref_out = ref(xr)
+    (ref_out * w).sum().backward()
+    with synchronized(model, "cpu"):
+        assert isinstance(model[1], GlobalBatchNorm)
+        out = model(x)
+        (out * w).sum().backward()
+    assert type(model[1]) is nn.BatchNorm2d               # given back, same parameters
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, ref.running_mean)
+    torch.testing.assert_close(model[1].running_var, ref.running_var)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_precision_enters_the_folder_name_only_when_not_fp32():
+    from fastimp import presets
+    cfg = presets.get("mnist1d")
+    assert cfg.folder_name() == "imp_b57e35ae1742"        # named as before these fields
+    how = cfg.replace(per_device_batch=10, channels_last=True, num_workers=2)
+    assert how.folder_name() == cfg.folder_name()
+    assert cfg.replace(precision="bf16").folder_name() != cfg.folder_name()
+    im = presets.get("imagenet-resnet50")
+    assert (im.precision, im.per_device_batch, im.channels_last) == ("bf16", 256, True)
+    for bad in ("precision=fp16", "per_device_batch=0", "num_workers=-1", "channels_last=3"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            cfg.with_overrides([bad])
+
+
 # --------------------------------------------------------------------- 2 processes, gloo
 def _tiny_run(**kw):
     from fastimp.imp import IMPConfig
@@ -210,13 +369,15 @@ def test_plane_barrier_hessian_under_torchrun_equal_one_process(two_ranks):
     from distributed_worker import cli_commands, counting
     from fastimp.cli import main
     _, out, alone, split = two_ranks
-    assert [o["codes"] for o in out["cli"]] == [[0, 0, 0], [0, 0, 0]]
+    assert [o["codes"] for o in out["cli"]] == [[0, 0, 0, 0], [0, 0, 0, 0]]
     with counting() as counts:
-        assert [main(args) for args in cli_commands(str(alone))] == [0, 0, 0]
+        assert [main(args) for args in cli_commands(str(alone))] == [0, 0, 0, 0]
     shares = [o["counts"] for o in out["cli"]]
     assert sum(s["points"] for s in shares) == counts["points"]        # split, not repeated
     assert all(0 < s["points"] < counts["points"] for s in shares)
     assert all(0 < s["probe_rows"] < counts["probe_rows"] for s in shares)
+    # the pruning-ratio scan's 2 replicates x 2 ratios: 2 retrainings on each rank
+    assert counts["retrained"] == 4 and [s["retrained"] for s in shares] == [2, 2]
     files = sorted(p.relative_to(alone) for p in (alone / "analysis").rglob("*")
                    if p.is_file())
     assert sorted(p.relative_to(split) for p in (split / "analysis").rglob("*")
@@ -225,7 +386,7 @@ def test_plane_barrier_hessian_under_torchrun_equal_one_process(two_ranks):
     for f in files:
         if f.suffix == ".json":
             a, b = json.loads((split / f).read_text()), json.loads((alone / f).read_text())
-            exact = "plane" in f.name or "barrier" in f.name
+            exact = "plane" in f.name or "barrier" in f.name  # the scan: trainings packed 2 vs 4
             _close(a, b, str(f), rtol=0 if exact else 1e-4, atol=0 if exact else 1e-5)
         elif f.suffix == ".npz":
             a, b = np.load(split / f), np.load(alone / f)
@@ -287,6 +448,16 @@ def test_parallel_runs_equals_one_process_each_rank_its_share(two_ranks):
     rows = json.loads((runs.dir / "results.json").read_text())
     assert len(rows) == 2 * 2 * 3                       # rank 0 wrote every rank's levels
     assert json.loads((runs.dir / "summary.json").read_text()) == runs.summary()
+
+
+def test_a_busy_run_folder_stops_every_rank(two_ranks):
+    """Rank 0 alone takes the lock; when another process holds it the other ranks are told
+    (no deadlock), in both modes."""
+    _, out, _, _ = two_ranks
+    for mode in ("data", "runs"):
+        r0, r1 = (out["imp"][r][f"locked_{mode}"] for r in (0, 1))
+        assert r0 is not None and r0.startswith("RunLockedError"), r0
+        assert r1 is not None and "RunLockedError" in r1 and "rank 0" in r1, r1
 
 
 def test_a_mask_mismatch_between_ranks_stops_every_rank(two_ranks):

@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _errors():
     """What a command reports in one line: bad input, files, a busy or inconsistent run."""
+    from fastimp.distributed import MaskMismatchError
     from fastimp.imp.lock import RunLockedError
     from fastimp.imp.verify import RecomputedDiffersError
     return (ValueError, TypeError, OSError, RunLockedError, RecomputedDiffersError,
-            FloatingPointError)
+            FloatingPointError, MaskMismatchError)
 
 
 def _one_line(exc: BaseException) -> str:

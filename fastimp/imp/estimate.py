@@ -13,6 +13,8 @@ and allocator slack (~1-2 GiB), cuDNN workspaces.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -93,10 +95,18 @@ def _dataset_facts(config, dataset=None):
                      f"loading it; known: {sorted(KNOWN_DATASETS)} and synthetic")
 
 
-def _meta_model(config, num_classes: int):
+@functools.lru_cache(maxsize=16)
+def _model_facts(name: str, num_classes: int, kwargs_json: str,
+                 shape: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """(parameters, prunable weights, activation elements per example) of a model built on the
+    ``meta`` device (no weights are made)."""
     from fastimp import models
+    from fastimp.masks import prunable
     with torch.device("meta"):
-        return models.get(config.model, num_classes=num_classes, seed=0, **config.model_kwargs)
+        model = models.get(name, num_classes=num_classes, seed=0, **json.loads(kwargs_json))
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return P, sum(p.numel() for p in prunable(model).values()), \
+        activation_elements(model, shape)
 
 
 def activation_elements(model: torch.nn.Module, input_shape: Sequence[int]) -> int:
@@ -126,7 +136,6 @@ def estimate(config, world_size: int = 1, dataset=None) -> Estimate:
     a loaded one, else the sizes in ``KNOWN_DATASETS``). Nothing is trained or read from disk."""
     from fastimp.durations import iterations_per_epoch
     from fastimp.imp.strategies import level_plan
-    from fastimp.masks import prunable
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
     n_train, _, num_classes, shape = _dataset_facts(config, dataset)
@@ -141,11 +150,10 @@ def estimate(config, world_size: int = 1, dataset=None) -> Estimate:
     precision = getattr(config, "precision", "fp32")
     level_steps = {tau: [level_plan(config.strategy, L, tau, T).steps
                          for L in range(config.levels + 1)] for tau in config.rewind_steps}
-    model = _meta_model(config, num_classes)
-    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_prunable = sum(p.numel() for p in prunable(model).values())
-    act_bytes = 2 if precision == "bf16" else 4
-    acts = activation_elements(model, shape) * micro * act_bytes
+    P, n_prunable, act = _model_facts(config.model, num_classes,
+                                      json.dumps(config.model_kwargs, sort_keys=True),
+                                      tuple(shape))
+    acts = act * micro * (2 if precision == "bf16" else 4)
     memory = DeviceMemory(weights=4 * P, gradients=4 * P, momentum=4 * P,
                           low_precision_weights=2 * P if precision == "bf16" else 0,
                           masks=n_prunable, activations=acts,
