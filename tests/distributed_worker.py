@@ -56,6 +56,36 @@ def compute(distributed: bool):
             "nodes": torch.as_tensor(dens.nodes), "weights": torch.as_tensor(dens.weights)}
 
 
+def trainings(distributed: bool):
+    """Two small trainings, data-parallel over the ranks or alone (``fastimp.training.train``):
+    a pruned MLP with gradient accumulation (shares of 25 in micro-batches of at most 7) and a
+    ResNet-20 with BatchNorm whose epochs end in a short batch (100 examples, batches of 30)."""
+    from fastimp import data, models, training
+    from fastimp.distributed import data_parallel as dp
+    from fastimp.pruning import prune_magnitude
+    out = {}
+    ds = data.get("mnist1d")
+    cfg = training.TrainConfig(steps=10, batch_size=50, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                               milestones=(6,), data_seed=2)
+    mlp = models.get("mnist1d_mlp", seed=3, hidden=[32])
+    masks = prune_magnitude(mlp, 0.5)
+    syn = data.get("synthetic", shape=(3, 8, 8), num_classes=4, train_size=100, test_size=8)
+    cfg_bn = training.TrainConfig(steps=6, batch_size=30, lr=0.05, momentum=0.9,
+                                  milestones=(), data_seed=1)
+    net = models.get("cifar_resnet_20", num_classes=4, seed=2)
+    if distributed:
+        a = dp.train(mlp, cfg, training.make_loader(ds, cfg), masks, per_device_batch=7)
+        b = dp.train(net, cfg_bn, training.make_loader(syn, cfg_bn))
+    else:
+        a = training.train(mlp, cfg, ds, masks=masks, progress=False)
+        b = training.train(net, cfg_bn, syn, progress=False)
+    for name, model, res in (("mlp", mlp, a), ("bn", net, b)):
+        out[name] = {"losses": res.losses, "state": {k: v.detach().clone()
+                                                     for k, v in model.state_dict().items()},
+                     "how": getattr(res, "how", None)}
+    return out
+
+
 @contextlib.contextmanager
 def counting():
     """Counts the landscape points evaluated, the Hessian probe rows and the batches read."""
@@ -107,6 +137,7 @@ def basic(out):
     with counting() as counts:   # what this rank computed: its share, not everything
         result = compute(distributed=True)
     result["counts"] = counts
+    result["trainings"] = trainings(distributed=True)
     result.update(masks={k: v for k, v in masks.items()}, caught=caught,
                   rank0_masks={k: v for k, v in mine.items()} if r == 0 else None)
     torch.save(result, f"{out}/basic_rank{r}.pt")

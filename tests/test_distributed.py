@@ -273,15 +273,15 @@ def test_global_batchnorm_is_batchnorm_on_the_global_batch(one_rank_group):
     assert int(model[1].num_batches_tracked) == 1
 
 
-def test_precision_enters_the_folder_name_only_when_not_fp32():
+def test_how_a_run_trains_does_not_rename_its_folder():
     from fastimp import presets
     cfg = presets.get("mnist1d")
     assert cfg.folder_name() == "imp_b57e35ae1742"        # named as before these fields
-    how = cfg.replace(per_device_batch=10, channels_last=True, num_workers=2)
+    how = cfg.replace(precision="bf16", per_device_batch=10, channels_last=True, num_workers=2)
     assert how.folder_name() == cfg.folder_name()
-    assert cfg.replace(precision="bf16").folder_name() != cfg.folder_name()
     im = presets.get("imagenet-resnet50")
     assert (im.precision, im.per_device_batch, im.channels_last) == ("bf16", 256, True)
+    assert im.folder_name() == "imp_e8c5b1b7f50b"
     for bad in ("precision=fp16", "per_device_batch=0", "num_workers=-1", "channels_last=3"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             cfg.with_overrides([bad])
@@ -347,6 +347,25 @@ def test_landscape_points_and_hessian_split_over_ranks_equal_one_process(two_ran
         assert res["nodes"].shape == alone["nodes"].shape == (3, 6)
         torch.testing.assert_close(res["nodes"], alone["nodes"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(res["weights"], alone["weights"], rtol=1e-4, atol=1e-5)
+
+
+def test_data_parallel_training_with_accumulation_and_batchnorm_equals_one_process(two_ranks):
+    """Each rank its share of every step's batch (the epochs' short last batch too), gradient
+    accumulation, BatchNorm over the global batch: the one-process training to float rounding,
+    on both ranks."""
+    from distributed_worker import trainings
+    _, out, _, _ = two_ranks
+    alone = trainings(distributed=False)
+    for res in out["basic"]:
+        got = res["trainings"]
+        assert got["mlp"]["how"]["accumulation_steps"] == 4
+        assert got["mlp"]["how"]["per_rank_batch"] == 25
+        for name in ("mlp", "bn"):
+            torch.testing.assert_close(got[name]["losses"], alone[name]["losses"], rtol=1e-5,
+                                       atol=2e-6)
+            for k, v in alone[name]["state"].items():
+                torch.testing.assert_close(got[name]["state"][k], v, rtol=1e-4, atol=1e-5,
+                                           msg=f"{name} {k}")
 
 
 def _close(a, b, where="", rtol=1e-4, atol=1e-6):

@@ -193,7 +193,9 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
         with contextlib.ExitStack() as stack:
             if group:
                 stack.enter_context(synchronized(model, device))
-                net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                card = device.index if device.index is not None else \
+                    (torch.cuda.current_device() if device.type == "cuda" else None)
+                net = DDP(model, device_ids=[card] if device.type == "cuda" else None,
                           gradient_as_bucket_view=True, **_NO_BUFFER_BROADCAST)
             else:
                 net = model

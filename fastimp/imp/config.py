@@ -14,10 +14,10 @@ PRUNINGS = ("magnitude", "random")
 
 # Fields that say *how much* of the experiment to run or *where*, not *what* it computes: they do
 # not enter the folder's hash, so a rerun with more levels, rewind steps or seeds reuses the folder.
+# How each training runs does not either (docs/DISTRIBUTED.md); every level's stats.json records
+# it (with the world size), so a folder may hold levels trained in different ways.
 _NOT_HASHED = ("levels", "rewind_steps", "replicates", "seeds", "device", "data_root", "threads",
-               "batch_runs", "per_device_batch", "channels_last", "num_workers")
-# bf16 autocast changes what a level computes: ``precision`` enters the hash when it is not fp32
-# (so fp32 folders, and those made before the field existed, keep their names).
+               "batch_runs", "precision", "per_device_batch", "channels_last", "num_workers")
 PRECISIONS = ("fp32", "bf16")
 # Finetuning's lr and weight decay decide only what IMP-FT levels compute: they enter the hash only
 # for strategy "ft" and only when set, so WR / LRR folders and FT folders run before these fields
@@ -57,12 +57,12 @@ class IMPConfig:
     ``finetune_lr`` / ``finetune_weight_decay``: IMP-FT's retraining (Appendix B: a constant lr of
     the peak lr / 100, weight decay off); None keeps the schedule's lr at steps [T, 2T) (its final
     lr) resp. ``train.weight_decay``. They enter the hash only for ``strategy="ft"`` when set.
-    How each training runs (docs/DISTRIBUTED.md): ``precision`` ``"fp32"`` (default) or
-    ``"bf16"`` (autocast; hashed when not fp32); ``per_device_batch``: at most that many examples
-    per forward/backward on a device, the rest of its share of the batch by gradient accumulation
-    (None: the whole share); ``channels_last``: 2-D conv nets in channels-last memory format;
-    ``num_workers``: DataLoader workers of an image-folder data set (ImageNet; None: up to 8 per
-    process). These three do not enter the hash.
+    How each training runs (docs/DISTRIBUTED.md; not hashed, recorded in every level's
+    stats.json): ``precision`` ``"fp32"`` (default) or ``"bf16"`` (autocast; fp32 weights,
+    optimizer and loss); ``per_device_batch``: at most that many examples per forward/backward on
+    a device, the rest of its share of the batch by gradient accumulation (None: the whole
+    share); ``channels_last``: 2-D conv nets in channels-last memory format; ``num_workers``:
+    DataLoader workers of an image-folder data set (ImageNet; None: up to 8 per process).
     """
     model: str = "mnist1d_mlp"
     dataset: str = "mnist1d"
@@ -193,8 +193,6 @@ class IMPConfig:
         for k in _FINETUNE:
             if self.strategy != "ft" or d.get(k) is None:
                 d.pop(k, None)
-        if d.get("precision") == "fp32":
-            d.pop("precision")
         return d
 
     def hash(self) -> str:
