@@ -92,9 +92,10 @@ def paper_analysis(run, levels: Optional[Sequence[int]] = None, quick: bool = Fa
     _save(run, levels, quick, record, seconds)
     from fastimp import distributed
     distributed.barrier()  # under torchrun: rank 0 has written every analysis the report reads
-    if not distributed.is_main():
-        return Path(run.dir) / "report" / "report.md"
-    return write_report(run.dir, compare=list(compare) or None)
+    path = write_report(run.dir, compare=list(compare) or None) if distributed.is_main() \
+        else Path(run.dir) / "report" / "report.md"
+    distributed.barrier()  # ... and the report
+    return path
 
 
 def _save(run, levels, quick, record, seconds):
