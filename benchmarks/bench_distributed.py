@@ -119,6 +119,10 @@ def _ranks(name: str, case: Dict, device: str, quick: bool) -> float:
 
 def tables(device: str, quick: bool) -> List[Table]:
     threads = torch.get_num_threads()
+    if device == "cuda" and torch.cuda.device_count() < NPROC:
+        table = Table(f"{NPROC} ranks under torchrun: needs {NPROC} GPUs, this machine has "
+                      f"{torch.cuda.device_count()} (NCCL takes one card per rank)")
+        return [table]
     table = Table(f"{NPROC} ranks under torchrun ({'gloo' if device == 'cpu' else 'NCCL'}, "
                   f"{_threads(device, NPROC)} thread(s) each) vs one process on {device}")
     counts = sorted({1, _threads(device, 1)}) if device == "cpu" else [threads]
