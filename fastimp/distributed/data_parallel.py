@@ -9,8 +9,8 @@ larger than ``per_device_batch`` is cut into micro-batches whose gradients accum
 (``no_sync`` until the last); every rank runs the same number of micro-batches. BatchNorm layers
 use the statistics of the global (micro-)batch (:mod:`fastimp.distributed.batchnorm`). The
 recorded loss of step s is the global mean (the ranks' parts are all-reduced when the losses are
-checked: every step on the CPU, every 50 on a GPU, before each checkpoint and at the end — a
-non-finite loss stops every rank at the same step). Masks are verified equal on every rank before
+checked: every 50 steps, before each checkpoint and at the end — a non-finite loss stops every
+rank at the same check, naming its first step). Masks are verified equal on every rank before
 training (:func:`fastimp.distributed.verify_masks`).
 
 Rank 0 writes the checkpoints (``fastimp.training``'s format: a run killed under torchrun resumes
@@ -178,8 +178,10 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
         del state
 
     lr_of = tr._multiplier_fn(cfg, ipe)
+    # checked every step in one CPU process (as training.train); otherwise every 50 steps, each
+    # check being a collective over the ranks (and a device sync)
     guard = _Guard(losses, start, lambda s: cfg.lr * lr_of(s), step, group,
-                   1 if device.type == "cpu" else 50)
+                   1 if device.type == "cpu" and not group else 50)
     bar = tr._Progress(progress and env.is_main(), start, end, step,
                        desc=f"train ({W} ranks)" if group else "train")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
