@@ -116,3 +116,15 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.02)   # the workers are not our children: wait until they have exited
+
+
+def _alive(pid: int) -> bool:
+    """Running (not yet exited: a zombie has closed its files, its locks are gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
