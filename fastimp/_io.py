@@ -155,8 +155,16 @@ def load_json(path: PathLike) -> Any:
         return json.load(f)
 
 
+def write_torch(obj: Any, tmp: PathLike) -> None:
+    """``torch.save`` through a file object: given a path, torch names the zip's records after the
+    file (here a random temp name), so the bytes of the same object would differ between writes."""
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_torch(obj: Any, path: PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save(obj)`` to ``path`` atomically; the same object gives the same bytes."""
+    return atomic_write(path, lambda tmp: write_torch(obj, tmp))
 
 
 def load_torch(path: PathLike) -> Any:

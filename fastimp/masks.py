@@ -246,7 +246,7 @@ class Masks(Mapping):
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write atomically (temp file + ``os.replace``): safetensors, or ``torch.save`` for a path
         ending in ``.pt``/``.pth`` (or when safetensors is not installed)."""
-        from fastimp._io import atomic_write
+        from fastimp._io import atomic_write, write_torch
         path = os.fspath(path)
         tensors = {n: m.detach().cpu().contiguous() for n, m in self._m.items()}
         try:
@@ -256,7 +256,7 @@ class Masks(Mapping):
 
         def write(tmp):
             if path.endswith((".pt", ".pth")) or save_file is None:
-                torch.save({"format": _FORMAT, "names": list(tensors), "masks": tensors}, tmp)
+                write_torch({"format": _FORMAT, "names": list(tensors), "masks": tensors}, tmp)
             else:
                 save_file(tensors, tmp, metadata={"format": _FORMAT,
                                                   "names": json.dumps(list(tensors))})

@@ -270,8 +270,8 @@ class Checkpoint:
         return self.path.is_file()
 
     def save(self, state: Dict[str, Any]) -> None:
-        from fastimp._io import atomic_write
-        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        from fastimp._io import save_torch
+        save_torch(state, self.path)
 
     def load(self) -> Dict[str, Any]:
         return torch.load(self.path, map_location="cpu", weights_only=False)

@@ -65,9 +65,15 @@ def _truncate(path):
 
 
 def _flip(path):
-    """Flip a byte in the middle (a .pt file's tensor data: torch.load alone would not notice)."""
+    """Flip a byte in the middle of the largest tensor's data (torch.load alone would not notice)."""
+    import struct
+    import zipfile
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
@@ -367,3 +373,12 @@ def test_ctrl_c_says_where_and_rerun_resumes(tmp_path):
     assert not list(folder.rglob(".*.tmp*"))
     assert main(cmd[3:]) == 0  # the same command, here in-process: it resumes
     assert load_run(folder).levels() == [0]
+
+
+def test_the_same_object_is_written_as_the_same_bytes(tmp_path):
+    from fastimp._io import save_torch
+    obj = {"w": torch.arange(10.0), "b": torch.ones(3)}
+    save_torch(obj, tmp_path / "a.pt")
+    save_torch(obj, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert _states_equal(torch.load(tmp_path / "a.pt"), obj)
