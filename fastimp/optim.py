@@ -18,11 +18,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch.optim import Optimizer
 
+from fastimp.masks import check_mask
 from fastimp.ops.masked_sgd import DTYPES, Plan, call_op, masked_sgd_
-
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32,
-                torch.float64)
-
 
 def _lr(value: Any) -> float | torch.Tensor:
     """A group's lr as the op takes it: a tensor is passed through (read on the device)."""
@@ -304,22 +301,14 @@ def _check_hparams(lr, momentum, dampening, weight_decay, nesterov) -> None:
 
 
 def _check_mask(m: Any, p: torch.Tensor) -> torch.Tensor:
-    """The mask as a bool tensor laid out like ``p`` (1 byte/param), after checking it."""
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"masks: expected tensors, got {type(m).__name__}")
-    if m.shape != p.shape:
-        raise ValueError(f"masks: expected a mask of the parameter's shape {tuple(p.shape)}, got "
-                         f"{tuple(m.shape)}")
-    if m.device != p.device:
+    """The mask as a bool tensor laid out like ``p`` (1 byte/param), after
+    :func:`fastimp.masks.check_mask` and a device check."""
+    if isinstance(m, torch.Tensor) and m.device != p.device:
         raise ValueError(f"masks: expected a mask on the parameter's device {p.device}, got "
                          f"{m.device}")
-    if m.dtype not in _MASK_DTYPES:
-        raise TypeError(f"masks: expected dtype bool, uint8 or floating, got {m.dtype}")
-    if m.dtype != torch.bool:
-        if bool(((m != 0) & (m != 1)).any()):
-            raise ValueError("masks: expected 0/1 values only (bool, uint8 or float)")
-    if m.dtype == torch.bool and m.stride() == p.stride():
-        return m.detach()
+    m = check_mask(m, "masks: a mask", p.shape)
+    if m.stride() == p.stride():
+        return m
     out = torch.empty_like(p, dtype=torch.bool)
-    out.copy_(m.detach() != 0)
+    out.copy_(m)
     return out

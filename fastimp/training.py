@@ -22,6 +22,7 @@ from torch import nn
 
 from . import durations
 from .data import Dataset, FolderLoader, Loader
+from .masks import check_mask
 
 __all__ = ["TrainConfig", "TrainResult", "Checkpoint", "NonFiniteLossError", "make_loader",
            "make_optimizer", "make_scheduler", "train", "train_batched", "evaluate",
@@ -208,10 +209,8 @@ def _mask_dict(model: nn.Module, masks) -> Dict[str, torch.Tensor]:
     for name, m in masks.items():
         if name not in params:
             raise ValueError(f"masks: the model has no parameter named {name!r}")
-        if tuple(m.shape) != tuple(params[name].shape):
-            raise ValueError(f"masks: {name!r} has shape {tuple(m.shape)}, the parameter "
-                             f"{tuple(params[name].shape)}")
-        out[name] = m.to(device=params[name].device, dtype=torch.bool)
+        m = check_mask(m, f"masks: {name!r}", params[name].shape)
+        out[name] = m.to(device=params[name].device)
     return out
 
 

@@ -255,3 +255,27 @@ def test_gpu_backends_refuse_2_pow_31_weights(backend):
     w = [torch.empty(2 ** 31, dtype=torch.float16, device="cuda").normal_()]
     with pytest.raises(ValueError, match="2\\^31"):
         magnitude_threshold(w, None, fraction=0.5, backend=backend)
+
+
+def test_auto_hands_more_weights_than_the_kernels_count_to_an_unlimited_backend(monkeypatch):
+    """Above KERNEL_MAX_WEIGHTS (2^31 - 1: the Triton and CUDA kernels count in 32 bits), "auto"
+    skips those two in its order instead of failing (here on the CPU, with Triton put first and
+    the limit lowered)."""
+    import fastimp.ops.magnitude_threshold as mt
+    op = mt._OP
+    monkeypatch.setitem(op.auto, "cpu", ("triton", "cuda", "cpu", "torch"))
+    calls = []
+    for name in ("triton", "cuda"):
+        monkeypatch.setitem(op.impls, name,
+                            lambda *a, _n=name: calls.append(_n) or mt.reference(*a))
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(7, 5, generator=gen), torch.randn(30, generator=gen)]
+    want = magnitude_threshold(weights, None, fraction=0.4, backend="torch")
+    monkeypatch.setattr(mt, "KERNEL_MAX_WEIGHTS", 64)
+    got = magnitude_threshold(weights, None, fraction=0.4, out=_poisoned(weights))
+    assert calls == [] and (got.n, got.k, got.threshold) == (want.n, want.k, want.threshold)
+    assert all(torch.equal(a, b) for a, b in zip(got.masks, want.masks))
+    monkeypatch.setattr(mt, "KERNEL_MAX_WEIGHTS", 65)  # 65 weights: the order's first again
+    first = [b for b in ("triton", "cuda") if _backend.status("magnitude_threshold", b, "cpu")]
+    got = magnitude_threshold(weights, None, fraction=0.4)
+    assert calls == first[:1] and got.threshold == want.threshold

@@ -407,10 +407,13 @@ def test_bad_masks():
         MaskedSGD([p], lr=0.1, masks={p: torch.full((2, 3), 0.5)})
     with pytest.raises(ValueError, match="0/1"):
         MaskedSGD([p], lr=0.1, masks={p: torch.full((2, 3), 2, dtype=torch.uint8)})
-    with pytest.raises(TypeError, match="dtype"):
-        MaskedSGD([p], lr=0.1, masks={p: torch.ones(2, 3, dtype=torch.int32)})
-    with pytest.raises(TypeError, match="tensors"):
+    with pytest.raises(ValueError, match="0/1"):
+        MaskedSGD([p], lr=0.1, masks={p: torch.full((2, 3), -1, dtype=torch.int32)})
+    with pytest.raises(TypeError, match="torch.Tensor"):
         MaskedSGD([p], lr=0.1, masks={p: [[1, 1, 1], [1, 1, 1]]})
+    int_mask = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.int32)  # the one rule: 0/1 of any
+    opt = MaskedSGD([p], lr=0.1, masks={p: int_mask})                    # numeric dtype, or bool
+    assert torch.equal(opt.masks[p], int_mask.bool())
     other = torch.nn.Parameter(torch.randn(2, 3))
     with pytest.raises(ValueError, match="not a parameter"):
         MaskedSGD([p], lr=0.1, masks={other: torch.ones(2, 3)})

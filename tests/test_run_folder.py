@@ -278,6 +278,44 @@ def test_wait_runs_after_the_holder_finishes(copy):
     assert result["run"].levels(0) == [0, 1, 2, 3]
 
 
+def _refused_then_queued(args, holder_pid, capsys):
+    """``main(args)`` while ``holder_pid`` holds the run: a one-line error naming it; then
+    ``args + --wait`` in a thread, returned once it says it is waiting (with its exit-code box)."""
+    assert main(args) == 2
+    line = _one_line_error(capsys.readouterr().err, f"pid {holder_pid}")
+    assert "in use" in line and "--wait" in line
+    rc = {}
+    waiting = threading.Thread(target=lambda: rc.setdefault("rc", main(args + ["--wait"])))
+    waiting.start()
+    while "waiting for" not in capsys.readouterr().err:
+        assert waiting.is_alive()
+        time.sleep(0.02)
+    return waiting, rc
+
+
+@pytest.mark.parametrize("command", ["barrier", "paper"])
+def test_analysis_commands_hold_the_run_lock(copy, capsys, command):
+    """The commands that write into a run folder take its lock too: busy -> a one-line error
+    naming the holder and nothing written; --wait -> they run once the holder is done."""
+    from fastimp.cli import WRITES_INTO_RUN
+    out, folder = copy
+    assert command in WRITES_INTO_RUN
+    target = out if command == "paper" else folder  # OUT holding one run names that run
+    args = [command, str(target), "--max-examples", "200"] + (
+        ["--quick", "--no-progress", "--skip", "planes_imp", "robustness", "prune_scan",
+         "hessian", "planes_pruning", "weights", "lrr_rewound"] if command == "paper" else [])
+    lock = RunLock(folder).acquire()
+    try:
+        before = snapshot(folder)
+        waiting, rc = _refused_then_queued(args, os.getpid(), capsys)
+        assert waiting.is_alive() and snapshot(folder) == before
+    finally:
+        lock.release()
+    waiting.join(timeout=600)
+    assert rc["rc"] == 0 and snapshot(folder) != before
+    assert read_holder(folder) is None
+
+
 def test_two_concurrent_processes_and_a_killed_holder(copy, capsys):
     """While one `fastimp imp` process works on a run, a second command exits naming it, and a
     third with --wait queues; `kill -9` of the first frees the run and the waiting one finishes
@@ -293,15 +331,7 @@ def test_two_concurrent_processes_and_a_killed_holder(copy, capsys):
             time.sleep(0.02)
         first.send_signal(signal.SIGSTOP)  # holds the lock, makes no progress
         assert read_holder(folder)["pid"] == first.pid
-        assert main(args) == 2
-        line = _one_line_error(capsys.readouterr().err, f"pid {first.pid}")
-        assert "in use" in line and "--wait" in line
-        rc = {}
-        waiting = threading.Thread(target=lambda: rc.setdefault("rc", main(args + ["--wait"])))
-        waiting.start()
-        while "waiting for" not in capsys.readouterr().err:
-            assert waiting.is_alive()
-            time.sleep(0.02)
+        waiting, rc = _refused_then_queued(args, first.pid, capsys)
         first.kill()  # kill -9: the kernel releases its lock
         first.wait()
         waiting.join(timeout=600)

@@ -167,6 +167,10 @@ def test_mask_validation():
     with pytest.raises(ValueError, match="shape"):
         train(model, CFG, tiny_images(), masks={"fc.weight": torch.ones(2, dtype=torch.bool)},
               progress=False)
+    shape = dict(model.named_parameters())["fc.weight"].shape
+    with pytest.raises(ValueError, match="'fc.weight'.*0/1"):  # not silently cast to True
+        train(model, CFG, tiny_images(), masks={"fc.weight": torch.full(shape, 0.5)},
+              progress=False)
     with pytest.raises(ValueError, match="start_step"):
         train(model, CFG, tiny_images(), start_step=5, end_step=3, progress=False)
 

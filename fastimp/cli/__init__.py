@@ -14,6 +14,10 @@ from typing import List, Optional
 # Subcommand modules, in the order `fastimp --help` lists them.
 COMMANDS = ("imp", "report", "paper", "barrier", "plane", "hessian", "prune_scan", "analyses",
             "backends_cmd")
+# Commands that write analyses (and retraining branches) into the run folder DIR: they hold its
+# lock (fastimp.imp.lock) as `fastimp imp` does, so that two never work on one run at once.
+WRITES_INTO_RUN = ("paper", "barrier", "plane", "hessian", "prune-scan", "robustness", "weights",
+                   "lrr-rewound")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -45,7 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"fastimp.cli.{name}").add_parser(sub)
+    for name in WRITES_INTO_RUN:
+        sub.choices[name].add_argument(
+            "--wait", action="store_true",
+            help="if another process is working on this run, wait for it to finish (default: "
+                 "exit with an error naming it)")
     return parser
+
+
+def _holding_the_run_lock(args, prog: str) -> int:
+    """``args.func(args)`` under DIR's lock: rank 0 holds it, the other ranks of a torchrun job
+    stop with its error. A DIR that is not a run folder is left for the command to report."""
+    from fastimp.imp import load_run
+    from fastimp.imp.lock import describe_holder
+    from fastimp.imp.parallel import run_lock
+    try:
+        folder = load_run(args.dir).dir  # DIR, or the one imp_<hash> inside it
+    except (ValueError, OSError):
+        return args.func(args)
+
+    def on_wait(holder):
+        print(f"{prog}: waiting for {describe_holder(holder)} to finish ...", file=sys.stderr,
+              flush=True)
+    with run_lock(folder, args.wait, on_wait, "runs"):
+        return args.func(args)
 
 
 def _errors():
@@ -85,7 +112,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.showwarning = show
     try:
         from fastimp.distributed.launch import run_command
-        return int(run_command(args.command, lambda: args.func(args)) or 0)
+        fn = (lambda: _holding_the_run_lock(args, prog)) if args.command in WRITES_INTO_RUN \
+            else (lambda: args.func(args))
+        return int(run_command(args.command, fn) or 0)
     except KeyboardInterrupt as exc:
         print(f"{prog}: {_one_line(exc) if str(exc) else 'interrupted (Ctrl-C)'}",
               file=sys.stderr)

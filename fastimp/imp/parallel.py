@@ -57,7 +57,8 @@ def follower_run(folder: Optional[str]):
 @contextlib.contextmanager
 def run_lock(folder, wait: bool, on_wait, mode_: str):
     """The run folder's lock (:class:`fastimp.imp.lock.RunLock`), taken by rank 0 alone; with
-    ``--parallel runs`` the other ranks wait for rank 0's answer and stop with its error."""
+    ``mode_="runs"`` (``--parallel runs``, and the analysis commands: work every rank does and
+    rank 0 records) the other ranks wait for rank 0's answer and stop with its error."""
     from fastimp.imp.lock import RunLock
     if mode_ != "runs":
         with RunLock(folder, wait=wait, on_wait=on_wait):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastimp import _ext
-from fastimp._backend import register_op, resolve
+from fastimp._backend import register_op, resolve, status
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -131,14 +131,24 @@ def _typed(n: int, k: int, bits: int, nonfinite: int) -> Threshold:
 # Order on CUDA: Triton first, then the CUDA kernel. Neither has been timed on a GPU yet, so this
 # is not a speed claim: the Triton kernels' source runs in CI (Triton interpreter) on every
 # backend test, the CUDA kernels are only compiled. `python -m benchmarks.gpu_check` times both.
-register_op("magnitude_threshold",
-            {"torch": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton},
-            auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")},
-            ext_symbols={"cpu": "magnitude_threshold_cpu", "cuda": "magnitude_threshold_cuda"})
+_OP = register_op("magnitude_threshold",
+                  {"torch": reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton},
+                  auto={"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")},
+                  ext_symbols={"cpu": "magnitude_threshold_cpu",
+                               "cuda": "magnitude_threshold_cuda"})
+
+
+# The Triton and CUDA kernels count weights in 32 bits (they refuse more); "auto" hands larger
+# sets to the next backend in its order that has no such limit.
+KERNEL_MAX_WEIGHTS = 2 ** 31 - 1
 
 
 def _run(weights, masks, out, k, fraction, backend) -> Threshold:
     device = weights[0].device if weights else torch.device("cpu")
+    if backend == "auto" and sum(w.numel() for w in weights) > KERNEL_MAX_WEIGHTS:
+        for name in _OP.auto.get(device.type, ()) + ("torch",):
+            if name not in ("triton", "cuda") and status(_OP.name, name, device.type):
+                return _OP.impls[name](weights, masks, out, k, fraction)
     return resolve("magnitude_threshold", backend, device)(weights, masks, out, k, fraction)
 
 
