@@ -97,9 +97,9 @@ def counting():
     run_chunks, matvec = ev._run_chunks, hvp.HVPOperator._matvec
     retrain_jobs = retraining._retrain_jobs
 
-    def counting_retrain(run, jobs):
+    def counting_retrain(run, jobs, *a, **k):
         counts["retrained"] += len(jobs)
-        return retrain_jobs(run, jobs)
+        return retrain_jobs(run, jobs, *a, **k)
 
     def counting_chunks(plan, C, *a, **k):
         counts["points"] += C.shape[0]

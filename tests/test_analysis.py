@@ -170,28 +170,33 @@ def test_robustness_against_direct_computation(run_copy, monkeypatch):
     out = robustness_analysis(run, levels=[1], perturbations=2, max_examples=300)
     data = load_data(run, "test", 300)
     model = run.build_model()
-    assert [c["kw"]["rewind_step"] for c in spy.calls] == [0, 0, 6, 6]
+    # one list per (rewind step, level): the perturbations of every replicate
+    assert [c["kw"]["rewind_step"] for c in spy.calls] == [0, 6]
     for call in spy.calls:
-        tau, r = call["kw"]["rewind_step"], call["kw"]["replicate"]
-        assert call["kw"]["strategy"] == "wr" and len(call["masks"]) == 2
-        w_tau, m1, m2 = run.rewind_state(tau, r), run.mask(1, tau, r), run.mask(2, tau, r)
-        assert all(m == m1 for m in call["masks"])
-        rho = math.sqrt(sum(float((w_tau[n] * m1[n] - w_tau[n] * m2[n]).double().pow(2).sum())
-                            for n in m1))
-        part = json.loads(paths.robustness_part(run, tau, 1, r).read_text())
-        assert part["rho"] == pytest.approx(rho, rel=1e-9)
-        for start in call["kw"]["start"]:
-            v = {n: start[n].double() - w_tau[n].double() * m1[n] for n in m1}
-            assert math.sqrt(sum(float(x.pow(2).sum()) for x in v.values())) == \
-                pytest.approx(rho, rel=1e-5)
-            assert all(torch.all(v[n][~m1[n]] == 0) for n in m1)
-            assert all(torch.equal(start[k], w_tau[k]) for k in w_tau if k not in m1)  # biases
-        w1, w2 = run.solution(1, tau, r), run.solution(2, tau, r)
-        blue = error_barrier(model, w1, w2, data, betas=[0.5]).midpoint_error
-        orange = [error_barrier(model, w1, sd, data, betas=[0.5]).midpoint_error
-                  for sd, _ in call["out"]]
-        assert part["blue_midpoint_error"] == pytest.approx(blue, abs=1e-12)
-        assert part["orange_midpoint_error"] == pytest.approx(orange, abs=1e-12)
+        tau = call["kw"]["rewind_step"]
+        assert call["kw"]["strategy"] == "wr" and call["kw"]["replicate"] == [0, 0, 1, 1]
+        for r in (0, 1):
+            w_tau, m1, m2 = run.rewind_state(tau, r), run.mask(1, tau, r), run.mask(2, tau, r)
+            mine = [2 * r, 2 * r + 1]
+            assert all(call["masks"][i] == m1 for i in mine)
+            rho = math.sqrt(sum(float((w_tau[n] * m1[n] - w_tau[n] * m2[n]).double().pow(2).sum())
+                                for n in m1))
+            part = json.loads(paths.robustness_part(run, tau, 1, r).read_text())
+            assert part["rho"] == pytest.approx(rho, rel=1e-9)
+            for i in mine:
+                start = call["kw"]["start"][i]
+                v = {n: start[n].double() - w_tau[n].double() * m1[n] for n in m1}
+                assert math.sqrt(sum(float(x.pow(2).sum()) for x in v.values())) == \
+                    pytest.approx(rho, rel=1e-5)
+                assert all(torch.all(v[n][~m1[n]] == 0) for n in m1)
+                assert all(torch.equal(start[k], w_tau[k]) for k in w_tau if k not in m1)
+            w1, w2 = run.solution(1, tau, r), run.solution(2, tau, r)
+            blue = error_barrier(model, w1, w2, data, betas=[0.5]).midpoint_error
+            orange = [error_barrier(model, w1, call["out"][i][0], data, betas=[0.5]).midpoint_error
+                      for i in mine]
+            assert part["blue_midpoint_error"] == pytest.approx(blue, abs=1e-12)
+            assert part["orange_midpoint_error"] == pytest.approx(orange, abs=1e-12)
+            assert part["perturbed_test_error"] == [call["out"][i][1]["test_error"] for i in mine]
     for tau in ("0", "6"):
         row, = out["rewind_steps"][tau]
         parts = [json.loads(paths.robustness_part(run, int(tau), 1, r).read_text()) for r in (0, 1)]
@@ -435,5 +440,285 @@ def test_paper_command_resumes_and_reports_every_figure(run_copy, monkeypatch, c
         return real_plane(*a, **k)
     monkeypatch.setattr(planes, "plane", counted)
     assert main(args) == 0
-    assert [(c["kw"]["rewind_step"], c["kw"]["replicate"]) for c in spy.calls] == [(6, 1)]
+    assert [(c["kw"]["rewind_step"], c["kw"]["replicate"]) for c in spy.calls] == [(6, [1, 1])]
     assert len(calls) == 1
+
+
+# ------------------------------------------------------ summaries, resume, commands (audit)
+@pytest.fixture(scope="module")
+def lrr_run(tmp_path_factory):
+    return imp.run(tiny(strategy="lrr", levels=1), tmp_path_factory.mktemp("lrr"), progress=False)
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / run.dir.name
+    shutil.copytree(run.dir, dst)
+    return imp.load_run(dst)
+
+
+def test_summaries_are_the_union_of_every_call(run_copy):
+    """A later, narrower call keeps the rows of earlier ones in robustness.json and weights.json
+    (and so in the report)."""
+    from fastimp.analysis import paths
+    from fastimp.analysis.robustness import robustness_analysis
+    from fastimp.analysis.weights import weights_analysis
+    from fastimp.report import write_report
+    run = run_copy
+    kw = dict(perturbations=1, max_examples=200)
+    robustness_analysis(run, levels=[0, 1], rewind_steps=[0], **kw)
+    out = robustness_analysis(run, levels=[1], rewind_steps=[6], **kw)
+    got = {t: [row["level"] for row in rows] for t, rows in out["rewind_steps"].items()}
+    assert got == {"0": [0, 1], "6": [1]}
+    assert json.loads(paths.robustness_json(run).read_text())["rewind_steps"] == \
+        out["rewind_steps"]
+    for t, L in ((0, 0), (0, 1), (6, 1)):       # each row from its part files
+        row = next(r for r in out["rewind_steps"][str(t)] if r["level"] == L)
+        parts = [json.loads(paths.robustness_part(run, t, L, r).read_text()) for r in (0, 1)]
+        assert row["blue"]["mean"] == pytest.approx(
+            np.mean([p["blue_midpoint_error"] for p in parts]))
+    md = write_report(run.dir).read_text()
+    fig4 = md[md.index("## Fig. 4"):].split("\n## ")[0]
+    assert sum(line.startswith(("| 0 |", "| 6 |")) for line in fig4.splitlines()) == 3
+    weights_analysis(run, levels=[1])
+    w = weights_analysis(run, levels=[2])
+    assert [row["level"] for row in w["levels"]] == [1, 2]
+    assert all(row[s] is not None for row in w["levels"] for s in ("projection", "wr", "lrr", "ft"))
+    assert [row["level"] for row in json.loads(paths.weights_json(run).read_text())["levels"]] \
+        == [1, 2]
+
+
+def test_lrr_rewound_summary_and_command(lrr_run, wr_run, tmp_path, capsys):
+    from fastimp.analysis import paths
+    from fastimp.analysis.lrr_rewound import lrr_rewound_analysis
+    from fastimp.cli import main
+    run = _copy(lrr_run, tmp_path)
+    lrr_rewound_analysis(run, rewind_steps=[0])
+    out = lrr_rewound_analysis(run, rewind_steps=[6])
+    assert {t: [r["level"] for r in rows] for t, rows in out["rewind_steps"].items()} == \
+        {"0": [1], "6": [1]}
+    row, = out["rewind_steps"]["0"]
+    b = [json.loads(paths.branch_json(run, 0, 1, r, "wr").read_text()) for r in (0, 1)]
+    assert row["rewound"]["test_error"]["mean"] == pytest.approx(np.mean([x["test_error"]
+                                                                          for x in b]))
+    paths.lrr_rewound_json(run).unlink()
+    assert main(["lrr-rewound", str(run.dir), "--rewind-step", "6"]) == 0   # read back
+    saved = json.loads(paths.lrr_rewound_json(run).read_text())
+    assert sorted(saved["rewind_steps"]) == ["0", "6"]
+    assert str(paths.lrr_rewound_json(run)) in capsys.readouterr().out
+    assert main(["lrr-rewound", str(wr_run.dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "IMP-LRR" in err and "error" in err
+
+
+def test_paper_checks_compare_before_any_step(run_copy, tmp_path, monkeypatch, capsys):
+    from fastimp.analysis import paper as paper_mod
+    from fastimp.cli import main
+
+    def boom(*a, **k):
+        raise AssertionError("an analysis ran before --compare was checked")
+    monkeypatch.setattr(paper_mod, "_plan", boom)
+    cfg = tiny(rewind_steps=[6], replicates=1, levels=1)
+    other = imp.run(cfg.replace(train=cfg.train.replace(lr=0.02)), tmp_path / "o", progress=False)
+    apart = imp.run(tiny(rewind_steps=[3], levels=1), tmp_path / "a", progress=False)
+    for bad, words in (([str(other.dir)], "differs"), ([str(tmp_path / "nothing")], "nothing"),
+                       ([str(apart.dir)], "no rewind step common")):
+        assert main(["paper", str(run_copy.dir), "--compare", *bad, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err
+    assert not (run_copy.dir / "report").exists()
+
+
+def test_prune_scan_means_and_changed_tolerance(run_copy, monkeypatch):
+    from fastimp.analysis import paths
+    from fastimp.analysis.prune_scan import prune_scan_analysis
+    run = run_copy
+    kw = dict(rewind_step=6, ratios=(0.5, 0.9), log=lambda *a: None)
+    mean = prune_scan_analysis(run, 1, eps_matching=1.0, **kw)
+    reps = [json.loads(paths.prune_scan_json(run, 1, 6, r).read_text()) for r in (0, 1)]
+    assert mean["replicates"] == [0, 1] and len(mean["results"]) == 4
+    for row in mean["results"]:
+        es = [next(e for e in s["results"] if (e["method"], e["ratio"]) ==
+                   (row["method"], row["ratio"])) for s in reps]
+        for k in ("test_error", "R_projection", "R_retrained", "train_loss"):
+            assert row[k] == pytest.approx(np.mean([e[k] for e in es]))
+            assert row[k + "_std"] == pytest.approx(np.std([e[k] for e in es], ddof=1))
+        assert row["replicates"] == 2 and row["matching_replicates"] == 2   # eps 1: all match
+    eps_train = [s["eps_train"] for s in reps if s["eps_train"] is not None]
+    if eps_train:
+        assert mean["eps_train"] == pytest.approx(np.mean(eps_train))
+    dense = mean["dense_error"]
+    errs = [e["test_error"] for s in reps for e in s["results"]]
+    assert max(errs) > dense
+    eps = (max(errs) - dense) / 2                      # some match, some do not
+    RetrainSpy(monkeypatch, fail=True)                 # a new tolerance retrains nothing
+    mean = prune_scan_analysis(run, 1, eps_matching=eps, **kw)
+    reps = [json.loads(paths.prune_scan_json(run, 1, 6, r).read_text()) for r in (0, 1)]
+    flags = [e["matching"] for s in reps for e in s["results"]]
+    assert flags == [e <= dense + eps for e in errs] and not all(flags)
+    assert all(s["eps_matching"] == eps for s in reps) and mean["eps_matching"] == eps
+    for row in mean["results"]:
+        es = [e for s in reps for e in s["results"] if (e["method"], e["ratio"]) ==
+              (row["method"], row["ratio"])]
+        assert row["matching_replicates"] == sum(e["matching"] for e in es)
+        assert row["matching"] == (row["test_error"] <= dense + eps)
+
+
+def test_hessian_means_and_a_new_nonpositive_keeps_the_spectrum(run_copy, monkeypatch):
+    from fastimp import theory
+    from fastimp.analysis import hessian, paths
+    from fastimp.hessian import SpectralDensity
+    run = run_copy
+    kw = dict(rewind_step=6, top_n=2, iterations=8, runs=1, trace_samples=4, subset=300,
+              eps=0.05, log=lambda *a: None)
+    mean = hessian.hessian_analysis(run, 1, **kw)
+    hs = [json.loads(paths.hessian_json(run, 1, 6, r).read_text()) for r in (0, 1)]
+    assert json.loads(paths.hessian_summary_json(run, 1, 6).read_text()) == mean
+    assert mean["replicates"] == [0, 1]
+    for key, vals in (("top_eigenvalue", [h["eigenvalues"][0] for h in hs]),
+                      ("trace", [h["trace"] for h in hs]),
+                      ("f_max_magnitude_projection", [h["f_max_magnitude_projection"]
+                                                      for h in hs])):
+        assert mean[key]["mean"] == pytest.approx(np.mean(vals))
+        assert mean[key]["std"] == pytest.approx(np.std(vals, ddof=1))
+    R = np.asarray(mean["curve"]["R"])
+    assert R[-1] == pytest.approx(max(max(h["curve"]["R"]) for h in hs))
+    curves = []
+    for r, h in enumerate(hs):
+        dens = SpectralDensity.load(paths.hessian_density(run, 1, 6, r))
+        curves.append(theory.max_pruning_ratio(dens, 0.05, R, n_prunable=h["n_prunable_remaining"]))
+    np.testing.assert_allclose(mean["curve"]["f_max"], np.mean(curves, 0), atol=1e-12)
+    np.testing.assert_allclose(mean["curve"]["f_max_std"], np.std(curves, 0, ddof=1), atol=1e-12)
+    # only the threshold depends on the choice for λ <= 0 and on ε: the spectrum is kept
+    from fastimp import hessian as hessian_pkg
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed the Hessian spectrum")
+    monkeypatch.setattr(hessian_pkg, "Hessian", boom)
+    for resume in (False, True):   # `fastimp hessian` (no resume), then a resumed rerun
+        again = hessian.hessian_analysis(run, 1, nonpositive="exclude", resume=resume, **kw)
+        assert again["nonpositive"] == "exclude"
+    for r, old in enumerate(hs):
+        h = json.loads(paths.hessian_json(run, 1, 6, r).read_text())
+        assert h["nonpositive"] == "exclude" and h["params"]["nonpositive"] == "exclude"
+        assert h["eigenvalues"] == old["eigenvalues"] and h["trace"] == old["trace"]
+        dens = SpectralDensity.load(paths.hessian_density(run, 1, 6, r))
+        want = theory.max_pruning_ratio(dens, 0.05, np.asarray(h["curve"]["R"]),
+                                        n_prunable=h["n_prunable_remaining"],
+                                        nonpositive="exclude")
+        np.testing.assert_allclose(h["curve"]["f_max"], want, atol=1e-12)
+        assert h["curve"]["R"] == old["curve"]["R"]
+    h = hessian.hessian_analysis(run, 1, replicate=0, **dict(kw, eps=0.1))   # a new ε too
+    assert h["eps"] == 0.1 and h["eigenvalues"] == hs[0]["eigenvalues"]
+
+
+def _killed_at_training(monkeypatch, n):
+    """Train the runs of a list one after another; the n-th training is killed (Ctrl-C)."""
+    from fastimp import training
+    from fastimp.imp import retraining
+    monkeypatch.setattr(retraining, "batching_options",
+                        lambda b: {"batching": "loop", "max_batch_runs": None})
+    real, count = training.train, []
+
+    def train(*a, **k):
+        count.append(1)
+        if len(count) == n:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(training, "train", train)
+    return lambda: monkeypatch.setattr(training, "train", real)
+
+
+def test_a_killed_list_keeps_every_finished_training(run_copy, monkeypatch):
+    from fastimp.analysis import paths
+    from fastimp.analysis.prune_scan import prune_scan_analysis
+    from fastimp.analysis.robustness import robustness_analysis
+    from fastimp.analysis.weights import weights_analysis
+    run = run_copy
+    # branches (Figs. 7, 9): LRR r0, LRR r1 (killed), then FT
+    restore = _killed_at_training(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        weights_analysis(run, levels=[1], log=lambda *a: None)
+    assert paths.branch_json(run, 6, 1, 0, "lrr").exists()
+    assert not paths.branch_json(run, 6, 1, 1, "lrr").exists()
+    restore()
+    spy = RetrainSpy(monkeypatch)
+    weights_analysis(run, levels=[1], log=lambda *a: None)
+    assert sorted((c["kw"]["strategy"], c["kw"]["replicate"]) for c in spy.calls) == \
+        [("ft", [0, 1]), ("lrr", [1])]
+    # pruning-ratio scan: (r0, magnitude), (r1, magnitude) killed
+    monkeypatch.undo()
+    restore = _killed_at_training(monkeypatch, 2)
+    kw = dict(rewind_step=6, ratios=(0.5,), methods=("magnitude",), eps_matching=0.05,
+              log=lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        prune_scan_analysis(run, 1, **kw)
+    assert [e["ratio"] for e in
+            json.loads(paths.prune_scan_json(run, 1, 6, 0).read_text())["results"]] == [0.5]
+    restore()
+    spy = RetrainSpy(monkeypatch)
+    prune_scan_analysis(run, 1, **kw)
+    assert [c["kw"]["replicate"] for c in spy.calls] == [[1]]
+    # robustness: both replicates of a level as one list; r1 killed, r0's part is kept
+    monkeypatch.undo()
+    restore = _killed_at_training(monkeypatch, 2)
+    rkw = dict(levels=[1], rewind_steps=[6], perturbations=1, max_examples=100)
+    with pytest.raises(KeyboardInterrupt):
+        robustness_analysis(run, **rkw)
+    assert paths.robustness_part(run, 6, 1, 0).exists()
+    assert not paths.robustness_part(run, 6, 1, 1).exists()
+    restore()
+    spy = RetrainSpy(monkeypatch)
+    robustness_analysis(run, **rkw)
+    assert [c["kw"]["replicate"] for c in spy.calls] == [[1]]
+    paths.robustness_part(run, 6, 1, 0).unlink()
+    paths.robustness_part(run, 6, 1, 1).unlink()
+    spy.calls.clear()
+    robustness_analysis(run, **rkw)
+    assert [c["kw"]["replicate"] for c in spy.calls] == [[0, 1]]
+
+
+def test_robustness_and_weights_commands(run_copy, capsys):
+    from fastimp.analysis import paths
+    from fastimp.cli import main
+    run = run_copy
+    assert main(["robustness", str(run.dir), "--levels", "1", "--rewind-step", "6",
+                 "--perturbations", "1", "--max-examples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "rewind 6 level 1: rho" in out and str(paths.robustness_json(run)) in out
+    res = json.loads(paths.robustness_json(run).read_text())
+    assert [r["level"] for r in res["rewind_steps"]["6"]] == [1]
+    assert paths.robustness_part(run, 6, 1, 1).exists() and paths.robustness_png(run).exists()
+    assert main(["robustness", str(run.dir), "--perturbations", "0"]) == 2
+    assert "perturbations" in capsys.readouterr().err
+    assert main(["weights", str(run.dir), "--levels", "2", "--rewind-step", "0"]) == 0
+    assert str(paths.weights_json(run)) in capsys.readouterr().out
+    w = json.loads(paths.weights_json(run).read_text())
+    assert w["rewind_step"] == 0 and [r["level"] for r in w["levels"]] == [2]
+    assert all(p.exists() for p in paths.weights_pngs(run))
+    assert main(["weights", str(run.dir), "--rewind-step", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rewind_step" in err
+
+
+def test_analysis_file_names_are_spelled_only_in_paths():
+    """fastimp.analysis.paths is the one place naming the analysis files."""
+    import ast
+    import pathlib
+
+    import fastimp
+    from fastimp.analysis import paths
+    from fastimp.landscape import runs
+    names = {paths.BARRIER_JSON, paths.HESSIAN_JSON, paths.DENSITY_NPZ, paths.DENSITY_PNG,
+             paths.THRESHOLD_PNG}
+    assert names == {"barrier.json", "hessian.json", "density.npz", "density.png",
+                     "threshold.png"}
+    assert runs.BARRIER_JSON is paths.BARRIER_JSON
+    root = pathlib.Path(fastimp.__file__).parent
+    spelled = []
+    for py in root.rglob("*.py"):
+        if py == root / "analysis" / "paths.py":
+            continue
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names | {"analysis"}:
+                spelled.append(f"{py.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert spelled == []

@@ -11,7 +11,8 @@ trained as ``strategy`` would train it:
 
 with w^(L−1) the run's own solution. The run's own strategy is its w^(L) (nothing is trained).
 Missing branches are trained with ``Run.retrain``, every one of a strategy as one list, and each is
-written to ``analysis/branches/tau<t>_L<L>_rep<r>_<strategy>.json`` with its test error and the
+written as soon as its training ends (so a killed list keeps what it finished) to
+``analysis/branches/tau<t>_L<L>_rep<r>_<strategy>.json`` with its test error and the
 statistics of u = |w| / mean|w| over the unpruned prunable weights of m^(L): the CDF on
 ``CDF_GRID``, quantiles and the 20th percentile (Fig. 9).
 """
@@ -85,11 +86,29 @@ def ensure(run, keys: Iterable[Key], device=None, progress: bool = False,
     for s, ks in todo.items():
         log(f"branches: training {len(ks)} level(s) as IMP-{s.upper()}")
         masks = [run.mask(L, tau, r) for tau, L, r, _ in ks]
+
+        def record(i, sd, stats, ks=ks):
+            out[ks[i]] = _record(run, ks[i], sd, stats)
         trained = run.retrain(masks, rewind_step=[k[0] for k in ks], replicate=[k[2] for k in ks],
                               level=[k[1] - 1 for k in ks], strategy=s, device=device,
-                              progress=progress)
+                              progress=progress, on_result=record)
         for key, (sd, stats) in zip(ks, trained):
-            out[key] = _record(run, key, sd, stats)
+            if key not in out:  # under torchrun: trained by another rank
+                out[key] = _record(run, key, sd, stats)
+    return out
+
+
+def stored(run, strategy: str, rewind_step: Optional[int] = None) -> Dict[Key, Dict]:
+    """Every branch of ``strategy`` on disk (at ``rewind_step``, default all) that was written
+    with the current parameters and belongs to this run's rewind steps and replicates."""
+    out: Dict[Key, Dict] = {}
+    for (tau, L, r), p in paths.branch_jsons(run, strategy).items():
+        if (rewind_step is not None and tau != rewind_step) or tau not in run.rewind_steps \
+                or r not in run.replicates or L < 1:
+            continue
+        done = common.current(p, branch_params(run, strategy))
+        if done is not None:
+            out[(tau, L, r, strategy)] = done
     return out
 
 

@@ -27,9 +27,13 @@ def _fixed(run) -> Dict:
 
 def comparable(runs: Sequence) -> None:
     """ValueError naming the first setting (other than the pruning ratio, strategy or pruning
-    method) in which a run differs from the first."""
+    method) in which a run differs from the first, or when they share no rewind step."""
     if len(runs) < 2:
         raise ValueError("runs: Fig. 10 compares at least two runs")
+    if not set.intersection(*[set(r.rewind_steps) for r in runs]):
+        raise ValueError("runs: no rewind step common to all runs ("
+                         + "; ".join(f"{r.dir.name}: {r.rewind_steps}" for r in runs)
+                         + "): Fig. 10 compares them at one")
     base = _fixed(runs[0])
     for r in runs[1:]:
         other = _fixed(r)
@@ -67,8 +71,6 @@ def compare(runs: Sequence, png=None, rewind_step=None) -> Dict:
     (levels after 0) it took; ``rewind_step``: default the last one every run has."""
     comparable(runs)
     common_taus = sorted(set.intersection(*[set(r.rewind_steps) for r in runs]))
-    if not common_taus:
-        raise ValueError("runs: no rewind step common to all runs")
     tau = common_taus[-1] if rewind_step is None else int(rewind_step)
     rows = []
     for r in runs:

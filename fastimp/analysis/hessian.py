@@ -8,7 +8,9 @@ density.png, threshold.png}``; over replicates: ``analysis/hessian/level_<L>_rew
 
 What Lemma 3.1 does with eigenvalues <= 0 is the named option ``nonpositive`` ("flat": fully flat,
 the default; "exclude": dropped, see ``fastimp.theory``), recorded in hessian.json with the
-spectral weight it concerns; ε is recorded with its source.
+spectral weight it concerns; ε is recorded with its source. Both only enter the threshold part:
+a rerun that changes only them keeps the spectrum (density.npz, eigenvalues, trace) and
+recomputes the threshold part from it.
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ def epsilon(run, level: int, rewind_step: int, replicate: int, eps: Optional[flo
     return float(e), "Appendix F (std of the dense run's per-batch train loss, last epoch)"
 
 
+# what only the threshold part depends on: a change of these keeps the spectrum
+THRESHOLD_PARAMS = ("eps", "nonpositive")
+
+
 def hessian_analysis(run, level: int, rewind_step: Optional[int] = None, replicate=None, *,
                      top_n: int = 5, tol: float = 1e-4, iterations: int = 128, runs: int = 4,
                      trace_samples: int = 100, subset: Optional[int] = None,
@@ -67,7 +73,9 @@ def hessian_analysis(run, level: int, rewind_step: Optional[int] = None, replica
                      device=None, resume: bool = False, log=print) -> Dict:
     """Fig. 5's theory at ``level`` for ``replicate`` (None: every replicate, then the summary);
     returns the summary (or the one replicate's hessian.json). ``resume`` skips replicates whose
-    hessian.json was written with the same parameters."""
+    hessian.json was written with the same parameters. A replicate whose spectrum was computed
+    with the same parameters but another ε or ``nonpositive`` keeps its spectrum (density.npz):
+    only the threshold part is recomputed."""
     from fastimp import theory
     theory._check_nonpositive(nonpositive)
     tau = common.rewind_list(run, run.rewind_steps[0] if rewind_step is None else rewind_step)[0]
@@ -80,20 +88,60 @@ def hessian_analysis(run, level: int, rewind_step: Optional[int] = None, replica
                   "subset": subset, "probes_per_pass": probes_per_pass,
                   "weight_decay": weight_decay, "seed": seed, "nonpositive": nonpositive,
                   "eps": list(epsilon(run, level, tau, r, eps))}
-        path = paths.hessian_dir(run, level, tau, r) / "hessian.json"
+        path = paths.hessian_json(run, level, tau, r)
         done = common.current(path, params) if resume else None
         if done is None:
-            done = _one(run, level, tau, r, params, batch_size, sigma, device, log)
+            spectrum = _same_spectrum(run, path, params)
+            if spectrum is not None:
+                log(f"hessian: level {level}, replicate {r}: the spectrum is there, recomputing "
+                    f"the threshold only (eps {params['eps'][0]:.4g}, nonpositive "
+                    f"{nonpositive!r})")
+                done = _threshold(run, level, tau, r, params, *spectrum, log)
+            else:
+                done = _one(run, level, tau, r, params, batch_size, sigma, device, log)
         results.append(done)
     if replicate is not None and len(reps) == 1:
         return results[0]
     return summarize(run, level, tau, results, nonpositive)
 
 
+def _same_spectrum(run, path, params):
+    """(hessian.json without its threshold part, the saved density) when ``path`` was written
+    with ``params`` but for ``THRESHOLD_PARAMS`` (which differ), else None."""
+    from fastimp._io import load_json
+    from fastimp.hessian import SpectralDensity
+    if not path.exists():
+        return None
+    try:
+        old = load_json(path)
+    except (OSError, ValueError):
+        return None
+    want, have = common.normalized(params), old.get("params") or {}
+
+    def spectrum_params(p):
+        return {k: v for k, v in p.items() if k not in THRESHOLD_PARAMS}
+    if have == want or spectrum_params(have) != spectrum_params(want):
+        return None
+    npz = path.parent / old.get("density", paths.DENSITY_NPZ)
+    if not npz.exists():
+        return None
+    try:
+        density = SpectralDensity.load(npz)
+    except (OSError, ValueError, KeyError):
+        return None
+    keep = {k: v for k, v in old.items() if k not in ("params",) + THRESHOLD_KEYS}
+    return keep, density
+
+
+# the keys of hessian.json that _threshold writes
+THRESHOLD_KEYS = ("eps", "eps_source", "nonpositive", "nonpositive_weight", "curve",
+                  "magnitude_projection", "f_max_magnitude_projection")
+
+
 def _one(run, level, tau, r, params, batch_size, sigma, device, log) -> Dict:
+    """The spectrum (top eigenvalues, trace, SLQ density) and then the threshold part."""
     import torch.nn.functional as F
 
-    from fastimp import theory
     from fastimp.hessian import Hessian
     model = run.build_model()
     solution = run.solution(level, rewind_step=tau, replicate=r)
@@ -104,7 +152,6 @@ def _one(run, level, tau, r, params, batch_size, sigma, device, log) -> Dict:
     hess = Hessian(model, F.cross_entropy, data, dict(masks), seed=params["seed"],
                    subset=params["subset"], probes_per_pass=params["probes_per_pass"],
                    weight_decay=params["weight_decay"], distributed=common.split_over_ranks())
-    out = paths.hessian_dir(run, level, tau, r)
     log(f"hessian: level {level}, replicate {r}, D_A = {hess.D_A}, "
         f"{hess.op.num_examples} examples, device {device}")
     top_n = params["top_n"]
@@ -118,9 +165,26 @@ def _one(run, level, tau, r, params, batch_size, sigma, device, log) -> Dict:
     log(f"trace: {tr:.5g} ± {tr_err:.2g}")
     density = hess.density(iterations=params["iterations"], n_runs=params["runs"])
     density.meta.update({"level": level, "rewind_step": tau, "replicate": r})
-    density.save(out / "density.npz")
-    density.plot(out / "density.png", sigma=sigma,
+    density.save(paths.hessian_density(run, level, tau, r))
+    density.plot(paths.hessian_pngs(run, level, tau, r)[0], sigma=sigma,
                  title=f"Hessian spectrum, level {level} (D_A = {hess.D_A})")
+    spectrum = {
+        "level": level, "rewind_step": tau, "replicate": r,
+        "D_A": hess.D_A, "n_prunable_remaining": int(masks.remaining()),
+        "num_examples": hess.op.num_examples, "weight_decay": params["weight_decay"],
+        "batchnorm": "eval", "eigenvalues": eigenvalues, "trace": tr, "trace_stderr": tr_err,
+        "trace_samples": len(samples), "density": paths.DENSITY_NPZ,
+        "density_iterations": density.meta["iterations"], "density_runs": params["runs"]}
+    return _threshold(run, level, tau, r, params, spectrum, density, log)
+
+
+def _threshold(run, level, tau, r, params, spectrum: Dict, density, log) -> Dict:
+    """Lemma 3.1 from the spectrum: d*(R), f_max(R) and f_max at magnitude pruning's projection
+    distances, with ε and the choice for λ <= 0 of ``params``; writes hessian.json and
+    threshold.png."""
+    from fastimp import theory
+    solution = run.solution(level, rewind_step=tau, replicate=r)
+    masks = run.mask(level, rewind_step=tau, replicate=r)
     eps, eps_source = params["eps"]
     neg = params["nonpositive"]
     ratios = list(DEFAULT_RATIOS)
@@ -132,22 +196,16 @@ def _one(run, level, tau, r, params, batch_size, sigma, device, log) -> Dict:
     f_mag = theory.max_pruning_ratio(density, eps,
                                      lambda f: float(np.interp(f, [0] + ratios, [0] + R_mag)),
                                      n_prunable=masks.remaining(), nonpositive=neg)
-    result = {
-        "level": level, "rewind_step": tau, "replicate": r,
-        "D_A": hess.D_A, "n_prunable_remaining": int(masks.remaining()),
-        "num_examples": hess.op.num_examples, "weight_decay": params["weight_decay"],
-        "batchnorm": "eval", "eigenvalues": eigenvalues, "trace": tr, "trace_stderr": tr_err,
-        "trace_samples": len(samples), "density": "density.npz",
-        "density_iterations": density.meta["iterations"], "density_runs": params["runs"],
+    result = dict(spectrum, **{
         "eps": eps, "eps_source": eps_source,
         "nonpositive": neg, "nonpositive_weight": theory.nonpositive_weight(density),
         "curve": {"R": R_grid.tolist(), "d_star": np.asarray(d_star).tolist(),
                   "f_max": np.asarray(f_max).tolist()},
         "magnitude_projection": {"ratio": ratios, "R": R_mag},
         "f_max_magnitude_projection": f_mag,
-    }
-    result = common.write(out / "hessian.json", params, result)
-    plot_threshold(result, out / "threshold.png")
+    })
+    result = common.write(paths.hessian_json(run, level, tau, r), params, result)
+    plot_threshold(result, paths.hessian_pngs(run, level, tau, r)[1])
     log(f"eps = {eps:.4g} ({eps_source}); largest pruning ratio with magnitude pruning's "
         f"projection distance: {f_mag:.3f}")
     return result
@@ -159,7 +217,7 @@ def f_max_curve(run, h: Dict, R, eps: Optional[float] = None, nonpositive: Optio
     from fastimp import theory
     from fastimp.hessian import SpectralDensity
     d = paths.hessian_dir(run, h["level"], h["rewind_step"], h["replicate"])
-    dens = SpectralDensity.load(d / h["density"])
+    dens = SpectralDensity.load(d / h.get("density", paths.DENSITY_NPZ))
     return np.asarray(theory.max_pruning_ratio(
         dens, h["eps"] if eps is None else eps, np.asarray(R), n_prunable=h["n_prunable_remaining"],
         nonpositive=nonpositive or h.get("nonpositive", "flat")))

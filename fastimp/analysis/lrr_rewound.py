@@ -2,7 +2,8 @@
 IMP-LRR run, the mask m^(L) is trained as IMP-WR would train it, A_tau(m^(L) ⊙ w_tau, T − tau)
 (a ``"wr"`` branch, :mod:`fastimp.analysis.branches`), and its test error is compared with the LRR
 solution w^(L)'s; mean ± std over replicates, per rewind step. Writes
-``analysis/lrr_rewound.json`` and ``lrr_rewound.png``."""
+``analysis/lrr_rewound.json`` and ``lrr_rewound.png``: every (rewind step, level) whose rewound
+branches are on disk (those of earlier calls too), each over the replicates on disk."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -22,12 +23,18 @@ def lrr_rewound_analysis(run, levels: Optional[Sequence[int]] = None,
     chosen = {t: common.pick_levels([L for L in common.finished_levels(run, t, reps) if L >= 1],
                                     levels) for t in taus}
     keys = [(t, L, r, s) for t in taus for L in chosen[t] for r in reps for s in ("lrr", "wr")]
-    got = branches.ensure(run, keys, device=device, progress=progress, log=log)
-    out = {"replicates": reps, "rewind_steps": {}}
-    for t in taus:
+    now = branches.ensure(run, keys, device=device, progress=progress, log=log)
+    rewound = {**branches.stored(run, "wr"), **{k: v for k, v in now.items() if k[3] == "wr"}}
+    # the run's own solutions (nothing to train) beside every rewound branch on disk
+    got = branches.ensure(run, [k[:3] + ("lrr",) for k in rewound], device=device, log=log)
+    got.update(rewound)
+    everywhere = sorted({k[0] for k in rewound} | set(taus))
+    out = {"replicates": sorted({k[2] for k in rewound}), "rewind_steps": {}}
+    for t in everywhere:
+        levels_t = sorted({k[1] for k in rewound if k[0] == t})
         out["rewind_steps"][str(t)] = [
-            {"level": L, "lrr": branches.aggregate(got, t, L, "lrr", reps),
-             "rewound": branches.aggregate(got, t, L, "wr", reps)} for L in chosen[t]]
+            {"level": L, "lrr": branches.aggregate(got, t, L, "lrr", run.replicates),
+             "rewound": branches.aggregate(got, t, L, "wr", run.replicates)} for L in levels_t]
     for rows in out["rewind_steps"].values():
         for row in rows:
             for k in ("lrr", "rewound"):

@@ -56,6 +56,10 @@ def paper_analysis(run, levels: Optional[Sequence[int]] = None, quick: bool = Fa
         raise ValueError(f"--skip: unknown step(s) {bad}; expected some of {list(STEPS)}")
     if levels is not None:
         common.pick_levels([], levels)      # checks them
+    if compare:  # Fig. 10's runs, checked before hours of analyses rather than after
+        from fastimp.analysis.compare import comparable
+        from fastimp.imp import load_run
+        comparable([run] + [load_run(c) for c in compare])
     cfg = QUICK if quick else FULL
     device = common.default_device(device)
     old_threads = torch.get_num_threads()

@@ -22,19 +22,37 @@ names, the report and the CLI read through them.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
 
+ANALYSIS = "analysis"
+BARRIER_JSON = "barrier.json"
+HESSIAN_JSON, DENSITY_NPZ, DENSITY_PNG, THRESHOLD_PNG = \
+    "hessian.json", "density.npz", "density.png", "threshold.png"
+
+
 def analysis_dir(run) -> Path:
-    d = Path(run.dir) / "analysis"
+    """``run.dir/analysis`` (``run``: a :class:`fastimp.imp.Run` or a run folder), created."""
+    d = Path(getattr(run, "dir", run)) / ANALYSIS
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
+def _parsed(files, pattern) -> dict:
+    """{the integers ``pattern`` captures in a file's name: its path}, sorted."""
+    out = {}
+    for p in files:
+        m = pattern.fullmatch(p.name)
+        if m:
+            out[tuple(int(g) for g in m.groups())] = p
+    return dict(sorted(out.items()))
+
+
 # -- Fig. 2 --------------------------------------------------------------------------------
 def barrier_json(run) -> Path:
-    return analysis_dir(run) / "barrier.json"
+    return analysis_dir(run) / BARRIER_JSON
 
 
 def barrier_pngs(run):
@@ -75,9 +93,30 @@ def robustness_part(run, rewind_step: int, level: int, replicate: int) -> Path:
     return analysis_dir(run) / "robustness" / f"tau{rewind_step}_L{level}_rep{replicate}.json"
 
 
+def robustness_parts(run):
+    """{(rewind step, level, replicate): path} of every part on disk."""
+    return _parsed((analysis_dir(run) / "robustness").glob("tau*_L*_rep*.json"),
+                   re.compile(r"tau(\d+)_L(\d+)_rep(\d+)\.json"))
+
+
 # -- Fig. 5 --------------------------------------------------------------------------------
 def hessian_dir(run, level: int, rewind_step: int, replicate: int) -> Path:
     return analysis_dir(run) / "hessian" / f"level_{level}_rewind_{rewind_step}_rep_{replicate}"
+
+
+def hessian_json(run, level: int, rewind_step: int, replicate: int) -> Path:
+    return hessian_dir(run, level, rewind_step, replicate) / HESSIAN_JSON
+
+
+def hessian_density(run, level: int, rewind_step: int, replicate: int) -> Path:
+    """The saved SLQ spectrum (:class:`fastimp.hessian.SpectralDensity`)."""
+    return hessian_dir(run, level, rewind_step, replicate) / DENSITY_NPZ
+
+
+def hessian_pngs(run, level: int, rewind_step: int, replicate: int):
+    """(density figure, threshold figure) of one replicate."""
+    d = hessian_dir(run, level, rewind_step, replicate)
+    return d / DENSITY_PNG, d / THRESHOLD_PNG
 
 
 def hessian_summary_json(run, level: int, rewind_step: int) -> Path:
@@ -101,6 +140,12 @@ def prune_scan_summaries(run):
 # -- Figs. 7, 8, 9 ---------------------------------------------------------------------------
 def branch_json(run, rewind_step: int, level: int, replicate: int, strategy: str) -> Path:
     return analysis_dir(run) / "branches" / f"tau{rewind_step}_L{level}_rep{replicate}_{strategy}.json"
+
+
+def branch_jsons(run, strategy: str):
+    """{(rewind step, level, replicate): path} of every branch of ``strategy`` on disk."""
+    return _parsed((analysis_dir(run) / "branches").glob(f"tau*_L*_rep*_{strategy}.json"),
+                   re.compile(rf"tau(\d+)_L(\d+)_rep(\d+)_{re.escape(strategy)}\.json"))
 
 
 def weights_json(run) -> Path:

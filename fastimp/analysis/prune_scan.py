@@ -1,14 +1,16 @@
 """Fig. 5's experiment (Appendix B, "Threshold training dimension"): at level L, prune a further
 fraction f = 0.1 ... 0.9 of w^(L)'s weights with magnitude and with random pruning, retrain each
 mask with the run's strategy (``Run.retrain``, every missing (replicate, method, ratio) as one
-list), and record whether the result is matching (Definition 2.2) and the distances R (the
+list, each written as soon as it is trained), and record whether the result is matching
+(Definition 2.2, with the tolerance of the current call: the flags are derived from the stored
+errors on every call, so a new tolerance retrains nothing) and the distances R (the
 projection's ||w^(L) − m'⊙w^(L)|| and Appendix B's ||w^(L+1) − w^(L)||). The random results also
 give Appendix B's ε_train (train loss fitted against test error, read at the dense error, minus
 w^(L)'s train loss). Plotted against the theory curve of :mod:`fastimp.analysis.hessian` at this
 level (earlier levels in gray).
 
 Per replicate ``analysis/prune-scan/level_<L>_rewind_<t>_rep_<r>.{json,png}`` (written after every
-training list, so a rerun retrains only what is missing); over replicates
+training, so a rerun retrains only what is missing); over replicates
 ``analysis/prune-scan/level_<L>_rewind_<t>.{json,png}`` (mean ± std per method and ratio).
 """
 from __future__ import annotations
@@ -88,17 +90,27 @@ def prune_scan_analysis(run, level: int, rewind_step: Optional[int] = None, repl
                                   for n, w in weights.items()) ** 0.5)
                     todo.append((r, method, f, new, R))
     if todo:
-        trained = run.retrain([t[3] for t in todo], rewind_step=tau,
-                              replicate=[t[0] for t in todo], level=level, device=device)
-        for (r, method, f, _, R), (sd, stats) in zip(todo, trained):
+        written = set()
+
+        def finished(i, sd, stats):
+            r, method, f, _, R = todo[i]
             solution = run.solution(level, rewind_step=tau, replicate=r)
             entry = {"method": method, "ratio": f, "R_projection": R,
                      "R_retrained": _distance(sd, solution, params),
-                     "test_error": stats["test_error"], "train_loss": stats.get("train_loss"),
-                     "matching": bool(stats["test_error"] <= dense_error + eps_match)}
+                     "test_error": stats["test_error"], "train_loss": stats.get("train_loss")}
             states[r][(method, f)] = entry
+            matching = entry["test_error"] <= dense_error + eps_match
             log(f"replicate {r} {method:9s} f={f:.2f}: R={R:.4g}, test error "
-                f"{entry['test_error']:.4f} -> {'matching' if entry['matching'] else 'not matching'}")
+                f"{entry['test_error']:.4f} -> {'matching' if matching else 'not matching'}")
+            _write_replicate(run, level, tau, r, states[r], dense_error, eps_match, distance,
+                             seed, draw=False)
+            written.add(i)
+        trained = run.retrain([t[3] for t in todo], rewind_step=tau,
+                              replicate=[t[0] for t in todo], level=level, device=device,
+                              on_result=finished)
+        for i, (sd, stats) in enumerate(trained):
+            if i not in written:  # under torchrun: trained by another rank
+                finished(i, sd, stats)
     results = [_write_replicate(run, level, tau, r, states[r], dense_error, eps_match, distance,
                                 seed, draw=len(reps) == 1) for r in reps]
     if replicate is not None and len(reps) == 1:
@@ -111,6 +123,8 @@ def _write_replicate(run, level, tau, r, done, dense_error, eps_match, distance,
     from fastimp import theory
     from fastimp._io import save_json
     results = sorted(done.values(), key=lambda e: (e["method"], e["ratio"]))
+    for e in results:   # Definition 2.2 with this call's tolerance
+        e["matching"] = bool(e["test_error"] <= dense_error + eps_match)
     stats = run.stats(level, rewind_step=tau, replicate=r)
     rand = [e for e in results if e["method"] == "random" and e.get("train_loss") is not None]
     eps_train = None
@@ -163,11 +177,10 @@ def theory_curve(run, level, tau, replicate=None, eps=None):
         if not p.exists():
             return None
         h = load_json(p)
-        hs = [load_json(paths.hessian_dir(run, level, tau, r) / "hessian.json")
-              for r in h["replicates"]
-              if (paths.hessian_dir(run, level, tau, r) / "hessian.json").exists()]
+        hs = [load_json(paths.hessian_json(run, level, tau, r)) for r in h["replicates"]
+              if paths.hessian_json(run, level, tau, r).exists()]
     else:
-        p = paths.hessian_dir(run, level, tau, replicate) / "hessian.json"
+        p = paths.hessian_json(run, level, tau, replicate)
         if not p.exists():
             return None
         h = load_json(p)

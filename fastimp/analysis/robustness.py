@@ -8,14 +8,15 @@ For each rewind step tau, level L and replicate:
 - ``perturbations`` random directions v, Gaussian on the alpha^L·D unpruned prunable coordinates
   of m^(L) only (no bias, BatchNorm parameter or pruned coordinate moves), ||v|| = rho;
 - each m^(L) ⊙ w_tau + v trained to convergence under m^(L) with the IMP-WR schedule from tau
-  (``Run.retrain``, all of them as one list);
+  (``Run.retrain``, those of every replicate of a level as one list);
 - orange: the test error at the midpoint of the line between that solution and w^(L);
   blue: the midpoint between w^(L) and w^(L+1) (Fig. 2's successive-level midpoint).
 
-Mean ± std over replicates (blue) and over replicates × perturbations (orange). Writes
-``analysis/robustness.json`` (per rewind step and level: rho, the blue and orange means, stds and
-raw values), ``robustness.png``, and one file per (rewind step, level, replicate) as it finishes,
-so a rerun trains only what is missing.
+Mean ± std over replicates (blue) and over replicates × perturbations (orange). Writes one file
+per (rewind step, level, replicate) as soon as its perturbations are trained, so a rerun trains
+only what is missing, and from every such file on disk written with the same parameters (those
+of earlier calls too) ``analysis/robustness.json`` (per rewind step and level: rho, the blue and
+orange means, stds and raw values) and ``robustness.png``.
 """
 from __future__ import annotations
 
@@ -78,31 +79,36 @@ def robustness_analysis(run, levels: Optional[Sequence[int]] = None,
     base = {"perturbations": perturbations, "seed": seed, "max_examples": max_examples,
             "bn": bn, "bn_examples": bn_examples if bn == "reset" else None,
             "strategy": "wr"}
-    todo, parts = [], {}
+    todo: Dict = {}  # (tau, L) -> replicates to train
     for tau in taus:
         avail = common.finished_levels(run, tau, reps)
         for L in common.pick_levels([L for L in avail if L + 1 in avail], levels):
             for r in reps:
                 p = paths.robustness_part(run, tau, L, r)
-                done = common.current(p, dict(base, rewind_step=tau, level=L, replicate=r))
-                if done is None:
-                    todo.append((tau, L, r))
-                else:
-                    parts[(tau, L, r)] = done
+                if common.current(p, dict(base, rewind_step=tau, level=L, replicate=r)) is None:
+                    todo.setdefault((tau, L), []).append(r)
+    parts = {}
     if todo:
         model = run.build_model()
         data = common.load_data(run, "test", max_examples, batch_size, device)
         ekw = common.eval_kwargs(run, device, bn, bn_examples, chunk_size)
-        for key in todo:
-            parts[key] = _part(run, *key, base, perturbations, seed, model, data, ekw, device,
-                               progress)
-    out = {"params": common.normalized(dict(base, rewind_steps=taus, replicates=reps,
-                                            levels=levels)),
-           "replicates": reps, "rewind_steps": {}}
-    for tau in taus:
+        for (tau, L), rs in todo.items():
+            parts.update(_level(run, tau, L, rs, base, perturbations, seed, model, data, ekw,
+                                device, progress))
+    for (tau, L, r), p in paths.robustness_parts(run).items():   # and those of earlier calls
+        if (tau, L, r) not in parts and tau in run.rewind_steps and r in run.replicates:
+            done = common.current(p, dict(base, rewind_step=tau, level=L, replicate=r))
+            if done is not None:
+                parts[(tau, L, r)] = done
+    everywhere = sorted({k[0] for k in parts} | set(taus))
+    out = {"params": common.normalized(dict(base, rewind_steps=everywhere,
+                                            replicates=sorted({k[2] for k in parts}),
+                                            levels=sorted({k[1] for k in parts}))),
+           "replicates": sorted({k[2] for k in parts}), "rewind_steps": {}}
+    for tau in everywhere:
         rows = []
         for L in sorted({k[1] for k in parts if k[0] == tau}):
-            got = [parts[(tau, L, r)] for r in reps if (tau, L, r) in parts]
+            got = [parts[(tau, L, r)] for r in run.replicates if (tau, L, r) in parts]
             rows.append(_aggregate(L, got))
         out["rewind_steps"][str(tau)] = rows
     from fastimp._io import save_json
@@ -112,15 +118,42 @@ def robustness_analysis(run, levels: Optional[Sequence[int]] = None,
     return out
 
 
-def _part(run, tau, level, r, base, K, seed, model, data, ekw, device, progress) -> Dict:
+def _level(run, tau, level, reps, base, K, seed, model, data, ekw, device, progress) -> Dict:
+    """The K perturbations of each of ``reps`` at (``tau``, ``level``) as one training list; each
+    replicate's part is written as soon as its K runs are trained."""
+    masks, starts, sizes = [], [], {}
+    for r in reps:
+        w_tau = run.rewind_state(tau, r)
+        mask = run.mask(level, tau, r)
+        sizes[r] = rho(w_tau, mask, run.mask(level + 1, tau, r))
+        masks += [mask] * K
+        starts += [perturbed_start(w_tau, mask, sizes[r],
+                                   _generator(seed, run.seeds[r], tau, level, k))
+                   for k in range(K)]
+    owner = [r for r in reps for _ in range(K)]
+    results: Dict = {r: {} for r in reps}
+    parts: Dict = {}
+
+    def finished(i, sd, stats):
+        r = owner[i]
+        results[r][i] = (sd, stats)
+        if len(results[r]) == K and (tau, level, r) not in parts:
+            trained = [results[r][j] for j in sorted(results[r])]
+            parts[(tau, level, r)] = _part(run, tau, level, r, sizes[r], trained, base, model,
+                                           data, ekw)
+    # evaluating a part is collective under torchrun: there, only after the whole list
+    trained = run.retrain(masks, rewind_step=tau, replicate=owner, strategy="wr", start=starts,
+                          device=device, progress=progress,
+                          on_result=None if common.split_over_ranks() else finished)
+    for i, (sd, stats) in enumerate(trained):
+        if (tau, level, owner[i]) not in parts:
+            finished(i, sd, stats)
+    return parts
+
+
+def _part(run, tau, level, r, size, trained, base, model, data, ekw) -> Dict:
     from fastimp.landscape.barrier import error_barrier
-    w_tau = run.rewind_state(tau, r)
-    mask, next_mask = run.mask(level, tau, r), run.mask(level + 1, tau, r)
-    size = rho(w_tau, mask, next_mask)
-    starts = [perturbed_start(w_tau, mask, size, _generator(seed, run.seeds[r], tau, level, k))
-              for k in range(K)]
-    trained = run.retrain([mask] * K, rewind_step=tau, replicate=r, strategy="wr", start=starts,
-                          device=device, progress=progress)
+    mask = run.mask(level, tau, r)
     w_L, w_next = run.solution(level, tau, r), run.solution(level + 1, tau, r)
     blue = error_barrier(model, w_L, w_next, data, betas=[0.5], **ekw)
     orange = [error_barrier(model, w_L, sol, data, betas=[0.5], **ekw) for sol, _ in trained]

@@ -7,7 +7,8 @@ projection m^(L) ⊙ w^(L−1) and of its three retrainings (weight rewinding, l
 rewinding, finetuning; :mod:`fastimp.analysis.branches` trains the two the run did not), mean ± std
 over replicates, one panel per level (zoomed in, Figs. 7 / 18, and out, Fig. 19); the 20th
 percentile of u per level for each strategy, with the strategies' test errors (Fig. 9). Writes
-``analysis/weights.json`` and three PNGs.
+``analysis/weights.json`` and three PNGs: every level of ``rewind_step`` whose branches are on
+disk (the levels of earlier calls too), each averaged over the replicates on disk.
 """
 from __future__ import annotations
 
@@ -30,15 +31,22 @@ def weights_analysis(run, levels: Optional[Sequence[int]] = None, rewind_step: O
     avail = [L for L in common.finished_levels(run, tau, reps) if L >= 1]
     chosen = common.pick_levels(avail, levels)
     keys = [(tau, L, r, s) for L in chosen for r in reps for s in CURVES]
-    got = branches.ensure(run, keys, device=device, progress=progress, log=log)
+    now = branches.ensure(run, keys, device=device, progress=progress, log=log)
+    got = {}
+    for s in CURVES:
+        got.update(branches.stored(run, s, tau))
+    got.update(now)
+    # a level is shown when its projection is on disk (written first by every call)
+    levels_on_disk = sorted({L for (_, L, _, s) in got if s == "projection"} | set(chosen))
     rows = []
-    for L in chosen:
+    for L in levels_on_disk:
         row = {"level": L}
         for s in CURVES:
-            row[s] = branches.aggregate(got, tau, L, s, reps)
+            row[s] = branches.aggregate(got, tau, L, s, run.replicates)
         rows.append(row)
+    shown = sorted({r for row in rows for s in CURVES if row[s] for r in row[s]["replicates"]})
     c = run.config
-    out = {"rewind_step": tau, "replicates": reps, "run_strategy": c.strategy,
+    out = {"rewind_step": tau, "replicates": shown, "run_strategy": c.strategy,
            "finetune_lr": c.finetune_lr, "finetune_weight_decay": c.finetune_weight_decay,
            "grid": branches.CDF_GRID.tolist(), "levels": rows}
     from fastimp._io import save_json

@@ -57,8 +57,8 @@ def run(args) -> int:
     tau = res["rewind_step"]
     reps = [args.replicate] if args.replicate is not None else r.replicates
     for rep in reps:
-        print(f"wrote {paths.hessian_dir(r, args.level, tau, rep)}/hessian.json, density.npz, "
-              f"density.png, threshold.png")
+        print(f"wrote {paths.hessian_dir(r, args.level, tau, rep)}/{paths.HESSIAN_JSON}, "
+              f"{paths.DENSITY_NPZ}, {paths.DENSITY_PNG}, {paths.THRESHOLD_PNG}")
     if args.replicate is None:
         print(f"wrote {paths.hessian_summary_json(r, args.level, tau)} (mean of {len(reps)})")
     return 0

@@ -54,9 +54,10 @@ def fig5_hessian(run, report_dir: Path):
             figure(report_dir, f"fig5_threshold_{tag}.png", src.with_suffix(".png"),
                    lambda png, h=h: plot_threshold(h, png))
             lines += ["", f"![threshold {tag}](fig5_threshold_{tag}.png)"]
-            d = paths.hessian_dir(run, h["level"], h["rewind_step"], h["replicates"][0])
-            if (d / "density.png").exists():
-                shutil.copyfile(d / "density.png", report_dir / f"fig5_density_{tag}.png")
+            density_png = paths.hessian_pngs(run, h["level"], h["rewind_step"],
+                                             h["replicates"][0])[0]
+            if density_png.exists():
+                shutil.copyfile(density_png, report_dir / f"fig5_density_{tag}.png")
                 lines.append(f"![density {tag} (replicate {h['replicates'][0]})]"
                              f"(fig5_density_{tag}.png)")
             lines.append("")

@@ -79,9 +79,8 @@ class Run:
 
     @property
     def analysis_dir(self) -> Path:
-        d = self.dir / "analysis"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        from fastimp.analysis.paths import analysis_dir
+        return analysis_dir(self)
 
     def _key(self, rewind_step, replicate) -> Tuple[int, int]:
         tau = self.rewind_steps[0] if rewind_step is None else int(rewind_step)
@@ -215,7 +214,7 @@ class Run:
     # -- more training -------------------------------------------------------------------
     def retrain(self, masks, rewind_step=None, replicate=0, level=None, *,
                 strategy: Optional[str] = None, device: Optional[str] = None,
-                progress: bool = False, start=None):
+                progress: bool = False, start=None, on_result=None):
         """Train ``masks`` with the run's retraining strategy -> (state_dict, stats).
 
         WR trains ``masks . w_tau`` over steps [tau, T) (``level`` is not needed); LRR and FT start
@@ -226,10 +225,13 @@ class Run:
 
         Several runs: ``masks`` a list, and ``rewind_step`` / ``replicate`` / ``level`` / ``start``
         one value each or lists of the same length -> a list of ``(state_dict, stats)``.
+        ``on_result(i, state_dict, stats)`` is called as soon as run ``i`` is trained, so that a
+        long list's finished runs can be written before the rest is done.
         """
         from fastimp.imp.retraining import retrain
         return retrain(self, masks, rewind_step=rewind_step, replicate=replicate, level=level,
-                       strategy=strategy, device=device, progress=progress, start=start)
+                       strategy=strategy, device=device, progress=progress, start=start,
+                       on_result=on_result)
 
 
 def load_run(folder) -> Run:

@@ -157,7 +157,7 @@ def float_or_none(x):
 
 
 def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Optional[str] = None,
-            device=None, progress: bool = False, start=None):
+            device=None, progress: bool = False, start=None, on_result=None):
     """Train ``masks`` with ``run``'s retraining strategy -> ``(state_dict, stats)``; see
     :meth:`fastimp.imp.folder.Run.retrain`.
 
@@ -166,11 +166,17 @@ def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Opt
     ``(state_dict, stats)`` in that order. ``start`` (a state dict) replaces the weights training
     starts from (w_tau or w^(level)); the mask is applied to it. Under torchrun (every rank
     calling it alike) each rank trains a contiguous share of the list and every rank gets all
-    the results, in order.
+    the results, in order. ``on_result(i, state_dict, stats)``: as soon as run ``i`` is trained
+    and evaluated (a run packed with others finishes with them; runs that do not fit in one
+    program are trained in turns), so that a caller can write it before the rest of the list is
+    done (under torchrun: on the rank that trained it).
     """
     if not isinstance(masks, (list, tuple)):
-        return _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress,
-                            start)
+        out = _retrain_one(run, masks, rewind_step, replicate, level, strategy, device, progress,
+                           start)
+        if on_result is not None:
+            on_result(0, *out)
+        return out
     n = len(masks)
     per_run = {}
     for name, value in (("rewind_step", rewind_step), ("replicate", replicate), ("level", level),
@@ -184,10 +190,12 @@ def retrain(run, masks, rewind_step=None, replicate=0, level=None, strategy: Opt
     contexts: Dict = {}  # one LevelTrainer per (seed, device), shared by its runs
 
     def trained(ids):
+        ids = list(ids)
+        done = None if on_result is None else (lambda j, sd, st: on_result(ids[j], sd, st))
         return _retrain_jobs(run, [
             _retrain_job(run, masks[i], per_run["rewind_step"][i], per_run["replicate"][i],
                          per_run["level"][i], strategy, device, progress, per_run["start"][i],
-                         contexts) for i in ids])
+                         contexts) for i in ids], done)
     from fastimp import distributed
     from fastimp.distributed.data_parallel import current_leader
     if distributed.active() and distributed.world_size() > 1 and current_leader() is None:
@@ -231,18 +239,27 @@ def _retrain_job(run, masks, rewind_step, replicate, level, strategy, device, pr
     return ctx, model, masks.to(dev), plan, head
 
 
-def _retrain_jobs(run, jobs):
-    """Train the jobs as one batched program (the run's ``batch_runs``), evaluate each."""
+def _retrain_jobs(run, jobs, on_result=None):
+    """Train the jobs as one batched program (the run's ``batch_runs``), evaluate each as soon as
+    it is done (then ``on_result(i, state_dict, stats)``)."""
     from fastimp import training
-    results = train_runs([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
-                         [j[3].start_step for j in jobs], [j[3].end_step for j in jobs],
-                         batch_runs=getattr(run.config, "batch_runs", "auto"))
-    out = []
-    for (ctx, model, _, plan, head), result in zip(jobs, results):
+    out = [None] * len(jobs)
+
+    def finished(i, result):
+        ctx, model, _, plan, head = jobs[i]
         test_error, test_loss = training.evaluate(model, ctx.test_loader)
         stats = dict(head, test_error=float(test_error), test_loss=float(test_loss),
                      train_loss=float_or_none(result.train_loss),
                      train_loss_epsilon=float_or_none(result.train_loss_epsilon),
                      start_step=plan.start_step, end_step=plan.end_step)
-        out.append((cpu_state(model), stats))
+        out[i] = (cpu_state(model), stats)
+        if on_result is not None:
+            on_result(i, *out[i])
+    results = train_runs([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+                         [j[3].start_step for j in jobs], [j[3].end_step for j in jobs],
+                         batch_runs=getattr(run.config, "batch_runs", "auto"),
+                         on_run_end=finished)
+    for i, result in enumerate(results):
+        if out[i] is None:
+            finished(i, result)
     return out

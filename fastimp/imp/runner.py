@@ -291,7 +291,8 @@ def _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait,
             repair = verify.scan(folder, merged, plan.model)
             verify.apply(repair)
             save_json(merged.to_dict(), folder / "config.json")
-            (folder / "analysis").mkdir(exist_ok=True)
+            from fastimp.analysis.paths import analysis_dir
+            analysis_dir(folder)
         if mode == "runs":  # rank 0 has checked and repaired the folder; every rank sees it
             merged, repair = par.agree((merged, repair))
 
