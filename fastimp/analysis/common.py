@@ -126,16 +126,21 @@ def normalized(params: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(params, default=str))
 
 
-def current(path: Path, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The JSON at ``path`` if it exists and was written with these ``params``, else None."""
+def read(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON at ``path``, or None when it is missing or unreadable."""
     path = Path(path)
     if not path.exists():
         return None
     try:
-        data = load_json(path)
+        return load_json(path)
     except (OSError, ValueError):
         return None
-    return data if data.get("params") == normalized(params) else None
+
+
+def current(path: Path, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The JSON at ``path`` if it exists and was written with these ``params``, else None."""
+    data = read(path)
+    return data if data is not None and data.get("params") == normalized(params) else None
 
 
 def write(path: Path, params: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any]:

@@ -108,13 +108,9 @@ def hessian_analysis(run, level: int, rewind_step: Optional[int] = None, replica
 def _same_spectrum(run, path, params):
     """(hessian.json without its threshold part, the saved density) when ``path`` was written
     with ``params`` but for ``THRESHOLD_PARAMS`` (which differ), else None."""
-    from fastimp._io import load_json
     from fastimp.hessian import SpectralDensity
-    if not path.exists():
-        return None
-    try:
-        old = load_json(path)
-    except (OSError, ValueError):
+    old = common.read(path)
+    if old is None:
         return None
     want, have = common.normalized(params), old.get("params") or {}
 
