@@ -479,6 +479,30 @@ def test_a_busy_run_folder_stops_every_rank(two_ranks):
         assert r1 is not None and "RunLockedError" in r1 and "rank 0" in r1, r1
 
 
+def test_cli_errors_under_torchrun_are_one_line_and_exit_2_on_every_rank(tmp_path):
+    """A rank-0 error (a rejected command with --parallel data; a busy folder with --parallel
+    runs): rank 0 says it in one line, the other ranks stop silently (RankStoppedError), every
+    rank exits 2 (no traceback, no abort in the process group's teardown). A diverging run: every
+    rank says the same located line."""
+    from fastimp import presets
+    from fastimp.imp.lock import RunLock
+    base = ["-m", "fastimp", "imp", "--preset", "mnist1d", "--levels", "0", "--no-progress",
+            "replicates=1", "train.steps=20"]
+    cases = [(["--out", str(tmp_path / "a"), "--parallel", "data", "--rewind-step", "700"],
+              "past the end of training", False),
+             (["--out", str(tmp_path / "b"), "--parallel", "runs"], "is in use by", False),
+             (["--out", str(tmp_path / "c"), "--parallel", "data", "train.lr=1000"],
+              "level 0, rewind step 0, replicate 0 (seed 0): training diverged", True)]
+    busy = presets.get("mnist1d").with_overrides(["levels=0", "replicates=1", "train.steps=20"])
+    with RunLock(tmp_path / "b" / busy.folder_name()):
+        for args, says, every_rank in cases:
+            res = launch(base + args, timeout=180)
+            assert res.returncodes == [2, 2], res.explain()
+            lines = [err.strip().splitlines() for err in res.stderr]
+            assert len(lines[0]) == 1 and says in lines[0][0], res.explain()
+            assert lines[1] == (lines[0] if every_rank else []), res.explain()
+
+
 def test_a_mask_mismatch_between_ranks_stops_every_rank(two_ranks):
     _, out, _, _ = two_ranks
     for rank in (0, 1):

@@ -77,11 +77,11 @@ def _holding_the_run_lock(args, prog: str) -> int:
 
 def _errors():
     """What a command reports in one line: bad input, files, a busy or inconsistent run."""
-    from fastimp.distributed import MaskMismatchError
+    from fastimp.distributed import MaskMismatchError, RankStoppedError
     from fastimp.imp.lock import RunLockedError
     from fastimp.imp.verify import RecomputedDiffersError
     return (ValueError, TypeError, OSError, RunLockedError, RecomputedDiffersError,
-            FloatingPointError, MaskMismatchError)
+            FloatingPointError, MaskMismatchError, RankStoppedError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -122,7 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _errors() as exc:
         if debug:
             raise
-        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        from fastimp.distributed import RankStoppedError
+        if not (isinstance(exc, RankStoppedError) and os.environ.get("RANK", "0") != "0"):
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)  # else rank 0 said it
         return 2
     finally:
         warnings.showwarning = _show

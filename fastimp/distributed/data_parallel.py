@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastimp.distributed import env
+from fastimp.training import NonFiniteLossError
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -117,7 +118,6 @@ class _Guard:
         self.checked = at
 
     def flush(self, step: int) -> None:
-        from fastimp.training import NonFiniteLossError
         part = self.losses[self.checked - self.start:step - self.start]
         if self.group and part.numel():
             dist.all_reduce(part)
@@ -318,12 +318,15 @@ def train_runs(ctxs, models, masks, starts, ends, checkpoints, on_step=None, pro
                 on_step(step, RunsView([i], m, opt, lambda: None, models))
         kw = dict(checkpoint=checkpoints[i], on_step=cb, progress=progress,
                   label=f"replicate {ctx.replicate} (seed {ctx.seed})")
-        if leader is None:
-            res = train(model, cfg, ctx.loader, masks[i], starts[i], ends[i], **kw,
-                        **options(ctx.config))
-        else:
-            res = leader.train(run_spec(ctx), model, cfg, ctx.loader, masks[i], starts[i],
-                               ends[i], options=options(ctx.config), **kw)
+        try:
+            if leader is None:
+                res = train(model, cfg, ctx.loader, masks[i], starts[i], ends[i], **kw,
+                            **options(ctx.config))
+            else:
+                res = leader.train(run_spec(ctx), model, cfg, ctx.loader, masks[i], starts[i],
+                                   ends[i], options=options(ctx.config), **kw)
+        except NonFiniteLossError as exc:  # which run diverged: the caller names it
+            raise NonFiniteLossError(exc.step, exc.lr, exc.loss, run=i) from None
         results.append(res)
         if on_run_end is not None:
             on_run_end(i, res)
@@ -349,7 +352,7 @@ class Leader:
             return False
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
         env.agree({"op": "stop", "folder": None if self.folder is None else str(self.folder),
-                   "error": error})
+                   "error": error, "where": getattr(exc, "where", None)})
         return False
 
     def train(self, spec: Dict[str, Any], model, cfg, loader, masks, start, end, *,
@@ -366,16 +369,20 @@ class Leader:
                    "masks": masks is not None})
         if masks is not None:
             masks = broadcast_masks(masks, device=loader.device)
-        result = train(model, cfg, loader, masks, start, end, checkpoint=checkpoint,
-                       on_step=on_step, progress=progress, label=label, **options)
+        try:
+            result = train(model, cfg, loader, masks, start, end, checkpoint=checkpoint,
+                           on_step=on_step, progress=progress, label=label, **options)
+        except NonFiniteLossError:
+            self.in_job = False  # every rank stopped at the same step: they hear where from us
+            raise
         self.in_job = False
         return result
 
 
 def follow():
     """A rank other than 0 in the IMP runner's data-parallel mode: train every job rank 0 sends
-    until it says stop; returns the run folder rank 0 named (or None). Raises RuntimeError when
-    rank 0 stopped with an error."""
+    until it says stop; returns the run folder rank 0 named (or None). Raises
+    :class:`~fastimp.distributed.RankStoppedError` when rank 0 stopped with an error."""
     from fastimp import data, models
     from fastimp import training as tr
     from fastimp.distributed.masks import broadcast_masks
@@ -384,7 +391,7 @@ def follow():
         job = env.agree(None)
         if job["op"] == "stop":
             if job["error"] is not None:
-                raise RuntimeError(f"rank 0 stopped: {job['error']}")
+                raise env.RankStoppedError(0, job["error"])
             return job["folder"]
         spec = job["spec"]
         key = (spec["dataset"], spec["data_root"], repr(sorted(spec["dataset_kwargs"].items())),
@@ -398,4 +405,7 @@ def follow():
         model = models.get(spec["model"], num_classes=spec["num_classes"], seed=0,
                            **spec["model_kwargs"])
         masks = broadcast_masks(None, device=spec["device"]) if job["masks"] else None
-        train(model, cfg, loader, masks, job["start"], job["end"], **job["options"])
+        try:
+            train(model, cfg, loader, masks, job["start"], job["end"], **job["options"])
+        except NonFiniteLossError as exc:  # rank 0 stopped at the same step and says where
+            raise exc.located(env.agree(None).get("where") or "") from None

@@ -14,11 +14,32 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["launched", "init", "shutdown", "active", "rank", "world_size", "local_rank",
+__all__ = ["RankStoppedError", "launched", "init", "shutdown", "abandon", "active", "rank", "world_size", "local_rank",
            "is_main", "device", "barrier", "agree", "all_gather_objects", "main_writes",
            "backend_for"]
 
 DEFAULT_TIMEOUT_S = 1800.0
+
+
+class RankStoppedError(RuntimeError):
+    """Another rank of the job stopped with an error (``error``, its one-line message), so this
+    rank stops too. The CLI exits with status 2 on every rank, and only the rank that failed
+    prints the error."""
+
+    def __init__(self, rank: Optional[int], error: str):
+        super().__init__(f"{'another rank' if rank is None else f'rank {rank}'} stopped: {error}")
+        self.rank, self.error = rank, error
+
+
+def peer_gone(exc: BaseException) -> Optional[RankStoppedError]:
+    """``exc`` as a :class:`RankStoppedError` when it is a collective failing because another
+    rank left the job (gloo: its connection closed), else None."""
+    text = str(exc)
+    for sign in ("Connection closed by peer", "Connection reset by peer"):
+        if sign in text:
+            where = text[text.index(sign):].split(". ")[0]
+            return RankStoppedError(None, f"{where} (its own message says why)")
+    return None
 
 
 def launched() -> bool:
@@ -65,6 +86,17 @@ def shutdown() -> None:
             barrier()
         finally:
             dist.destroy_process_group()
+
+
+def abandon() -> None:
+    """Leave the process group after an error, without waiting for the other ranks (they may be
+    stopping too, or inside a collective that now fails at once instead of timing out): a process
+    that exits with its group still up can die in the group's threads (SIGABRT)."""
+    if active():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- already stopping with an error
+            pass
 
 
 def active() -> bool:

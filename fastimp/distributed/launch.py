@@ -55,8 +55,13 @@ def run_command(command: str, fn: Callable[[], int]) -> int:
                 status = fn()
         ok = True
         return status
+    except RuntimeError as exc:  # a collective failed: another rank left (its error says why)
+        stopped = env.peer_gone(exc)
+        if stopped is None:
+            raise
+        raise stopped from exc
     finally:
-        # after an error the other ranks may be inside a collective: no barrier then; the process
-        # exits and torchrun stops the others
-        if ok and owner:
-            env.shutdown()
+        # after an error the other ranks may be inside a collective: no barrier then, but leave
+        # the group before exiting (a process that exits with it up may abort in its threads)
+        if owner:
+            env.shutdown() if ok else env.abandon()

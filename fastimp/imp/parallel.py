@@ -54,6 +54,28 @@ def follower_run(folder: Optional[str]):
     return load_run(folder)
 
 
+def on_main(mode_: str, fn, share: bool = True):
+    """``fn()`` on rank 0. With ``mode_="runs"`` every rank waits for it: the others get its
+    result (``share``; else None) or, when it raised, stop with
+    :class:`~fastimp.distributed.RankStoppedError` naming its error instead of waiting in the
+    next collective."""
+    if mode_ != "runs":
+        return fn()
+    result, error = None, None
+    if distributed.is_main():
+        try:
+            result = fn()
+        except BaseException as exc:  # RunLockedError, CorruptFileError, Ctrl-C, ...
+            error = exc
+    said = distributed.agree(("error", f"{type(error).__name__}: {error}") if error is not None
+                             else ("ok", result if share else None))
+    if error is not None:
+        raise error
+    if said[0] == "error":
+        raise distributed.RankStoppedError(0, said[1])
+    return result if distributed.is_main() else said[1]
+
+
 @contextlib.contextmanager
 def run_lock(folder, wait: bool, on_wait, mode_: str):
     """The run folder's lock (:class:`fastimp.imp.lock.RunLock`), taken by rank 0 alone; with
@@ -64,17 +86,8 @@ def run_lock(folder, wait: bool, on_wait, mode_: str):
         with RunLock(folder, wait=wait, on_wait=on_wait):
             yield
         return
-    lock, error = None, None
-    if distributed.is_main():
-        try:
-            lock = RunLock(folder, wait=wait, on_wait=on_wait).acquire()
-        except BaseException as exc:  # RunLockedError, Ctrl-C while waiting, ...
-            error = exc
-    said = distributed.agree(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if said is not None:
-        raise RuntimeError(f"rank 0 could not lock the run folder: {said}")
+    lock = on_main(mode_, lambda: RunLock(folder, wait=wait, on_wait=on_wait).acquire(),
+                   share=False)
     try:
         yield
     finally:

@@ -281,10 +281,8 @@ def _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait,
     folder = plan.folder
     if leader is not None:
         leader.folder = folder
-    main = par.is_main()
     with par.run_lock(folder, wait, on_wait, mode):
-        merged = repair = None
-        if main:
+        def check_folder():
             # again under the lock: another process may have extended the run meanwhile
             merged = preflight.merge_config(preflight.read_config(folder), config, folder)
             clean_stale_tmp(folder)
@@ -293,8 +291,9 @@ def _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait,
             save_json(merged.to_dict(), folder / "config.json")
             from fastimp.analysis.paths import analysis_dir
             analysis_dir(folder)
-        if mode == "runs":  # rank 0 has checked and repaired the folder; every rank sees it
-            merged, repair = par.agree((merged, repair))
+            return merged, repair
+        # rank 0 checks and repairs the folder; with --parallel runs every rank gets the result
+        merged, repair = par.on_main(mode, check_folder)
 
         threads = torch.get_num_threads()
         if config.threads is not None:
@@ -310,11 +309,12 @@ def _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait,
         finally:
             torch.set_num_threads(threads)
         par.barrier(mode)  # every rank's runs are finished
-        if main:
+
+        def finish():
             verify.rebuild_init(repair, merged, plan.dataset.num_classes)
             verify.confirm(repair, merged, plan.model, device)
             write_results(folder, merged, eps=eps)
-        par.barrier(mode)
+        par.on_main(mode, finish)
     return load_run(folder)
 
 
