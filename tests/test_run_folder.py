@@ -214,6 +214,8 @@ def test_recomputed_result_that_differs_is_refused(copy, capsys, monkeypatch):
     (["model_kwargs={bad json"], "model_kwargs"),
     (["dataset=nope"], "nope"),
     (["train.bogus=1"], "train.bogus"),
+    (["--eps", "-1"], "eps (--eps)"),
+    (["--eps", "nan"], "eps (--eps)"),
 ])
 def test_rejected_command_leaves_the_folder_byte_identical(copy, capsys, extra, message):
     out, folder = copy
@@ -224,6 +226,21 @@ def test_rejected_command_leaves_the_folder_byte_identical(copy, capsys, extra, 
     assert sorted(p.name for p in out.iterdir()) == entries  # no orphan imp_<hash> folder
     assert snapshot(out) == before
     assert main(["report", str(out)]) == 0  # still exactly one run
+
+
+def test_a_plain_rerun_leaves_the_folder_byte_identical(copy):
+    """Rerunning the finished command rewrites nothing: config.json keeps "seeds": null."""
+    out, folder = copy
+    before = snapshot(out)
+    assert json.loads(before[f"{folder.name}/config.json"])["seeds"] is None
+    assert _imp(out) == 0
+    assert snapshot(out) == before
+
+
+def test_rejected_eps_on_a_fresh_folder_creates_nothing(tmp_path, capsys):
+    assert _imp(tmp_path, "--eps", "-1") == 2
+    _one_line_error(capsys.readouterr().err, "eps (--eps)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_one_line_errors_for_bad_paths(copy, tmp_path, capsys):

@@ -23,6 +23,14 @@ def dense_epsilon(dense_errors: Iterable[float]) -> float:
     return _mean_std(errors)[1]
 
 
+def check_eps(eps: Optional[float]) -> Optional[float]:
+    """``eps`` (None: the std of the dense replicates) checked: a number >= 0."""
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                            or not eps >= 0):
+        raise ValueError(f"eps (--eps): expected a number >= 0, got {eps!r}")
+    return eps
+
+
 def is_matching(error: float, dense_error: float, eps: float) -> bool:
     """Definition 2.2: E(m . w) <= E(w_T) + eps."""
     return float(error) <= float(dense_error) + float(eps)
@@ -32,8 +40,7 @@ def summarize(results: List[Dict[str, Any]], eps: Optional[float] = None) -> Lis
     """Per (rewind_step, level): mean and std over replicates of test error, weights remaining and
     ``matching`` (the mean error against the mean dense error + eps). ``eps=None``: the std of the
     dense replicates of that rewind step; with one replicate ``matching`` is None (pass eps)."""
-    if eps is not None and (not isinstance(eps, (int, float)) or eps < 0 or math.isnan(eps)):
-        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+    check_eps(eps)
     groups: Dict[Any, List[Dict[str, Any]]] = defaultdict(list)
     for r in results:
         groups[(r["rewind_step"], r["level"])].append(r)

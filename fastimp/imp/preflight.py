@@ -46,7 +46,8 @@ def merge_config(old, config: IMPConfig, folder: Path) -> IMPConfig:
     seeds = old.replicate_seeds + [s for s in config.replicate_seeds
                                    if s not in old.replicate_seeds]
     return config.replace(rewind_steps=sorted(set(old.rewind_steps) | set(config.rewind_steps)),
-                          seeds=seeds, levels=max(old.levels, config.levels))
+                          seeds=None if seeds == list(range(len(seeds))) else seeds,
+                          replicates=len(seeds), levels=max(old.levels, config.levels))
 
 
 def _build(config: IMPConfig, num_classes: int) -> torch.nn.Module:
@@ -81,11 +82,14 @@ def check_schedule(config: IMPConfig, n_prunable: int) -> None:
         n -= k
 
 
-def check(config: IMPConfig, out_dir, device) -> Preflight:
-    """Validate the command ``run(config, out_dir)`` without writing anything; see module doc."""
+def check(config: IMPConfig, out_dir, device, eps=None) -> Preflight:
+    """Validate the command ``run(config, out_dir, eps=eps)`` without writing anything; see
+    module doc."""
     from fastimp import training
-    from fastimp.masks import prunable
     from fastimp._io import folder_path
+    from fastimp.imp.matching import check_eps
+    from fastimp.masks import prunable
+    check_eps(eps)
     out = folder_path(out_dir, "out_dir (--out)", "(the run goes to OUT/imp_<hash>/)")
     folder = out / config.folder_name()
     merged = merge_config(read_config(folder), config, folder)

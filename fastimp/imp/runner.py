@@ -277,7 +277,7 @@ def _locked_run(config, out_dir, progress, on_step, checkpoint_every, eps, wait,
     from fastimp.imp import parallel as par
     from fastimp.imp import preflight, verify
     device = resolve_device(config.device)
-    plan = preflight.check(config, out_dir, device)  # nothing is written before this passes
+    plan = preflight.check(config, out_dir, device, eps)  # nothing is written before this
     folder = plan.folder
     if leader is not None:
         leader.folder = folder
