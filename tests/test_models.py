@@ -85,6 +85,23 @@ def test_mnist1d_models(name):
     assert len(fastimp.prunable(m)) >= 3
 
 
+@pytest.mark.parametrize("name,kwargs,argument", [
+    ("mnist1d_conv", {"channels": -3}, "channels"),
+    ("mnist1d_conv", {"channels": 1.5}, "channels"),
+    ("mnist1d_conv", {"length": 2}, "length"),
+    ("mnist1d_mlp", {"hidden": [-1]}, "hidden"),
+    ("mnist1d_mlp", {"hidden": [0]}, "hidden"),
+    ("mnist1d_mlp", {"hidden": 5}, "hidden"),
+    ("mnist1d_mlp", {"in_features": 0}, "in_features"),
+    ("cifar_resnet_20", {"width": 0}, "width"),
+    ("cifar_resnet_18", {"width": True}, "width"),
+])
+def test_registered_models_check_their_arguments(name, kwargs, argument, recwarn):
+    with pytest.raises(ValueError, match=f"^{argument}: expected"):
+        models.get(name, **kwargs)
+    assert not recwarn.list  # refused before torch warns about empty tensors
+
+
 def test_seed_is_deterministic_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()

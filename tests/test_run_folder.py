@@ -243,6 +243,37 @@ def test_rejected_eps_on_a_fresh_folder_creates_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("extra,cause", [
+    (['model_kwargs={"channels":-3}'], "channels: expected an int >= 1, got -3"),
+    (['model_kwargs={"channels":1.5}'], "channels: expected an int >= 1, got 1.5"),
+    (["model=mnist1d_mlp", 'model_kwargs={"hidden":[-1]}'], "hidden: expected a list"),
+    (["model=mnist1d_mlp", 'model_kwargs={"hidden":[0]}'], "hidden: expected a list"),
+    (["--dry-run", 'model_kwargs={"channels":-3}'], "channels: expected an int >= 1"),
+])
+def test_a_model_that_cannot_be_built_is_one_line_naming_model_kwargs(tmp_path, capsys, extra,
+                                                                      cause):
+    assert _imp(tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_kwargs" in err and cause in err, err
+    assert ("mnist1d_mlp" if "model=mnist1d_mlp" in extra else "mnist1d_conv") in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_factory_raising_anything_is_one_line_naming_model_kwargs(tmp_path, capsys):
+    from fastimp import models
+
+    @models.register("_fails_to_build")
+    def _fails(num_classes=10, depth=1):
+        raise RuntimeError("depth must be even")
+    try:
+        assert _imp(tmp_path, "model=_fails_to_build", 'model_kwargs={"depth":3}') == 2
+    finally:
+        models.registry._FACTORIES.pop("_fails_to_build")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "model_kwargs" in err and "_fails_to_build" in err and "depth must be even" in err
+
+
 def test_one_line_errors_for_bad_paths(copy, tmp_path, capsys):
     out, folder = copy
     a_file = tmp_path / "a_file"

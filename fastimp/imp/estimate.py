@@ -100,10 +100,10 @@ def _model_facts(name: str, num_classes: int, kwargs_json: str,
                  shape: Tuple[int, ...]) -> Tuple[int, int, int]:
     """(parameters, prunable weights, activation elements per example) of a model built on the
     ``meta`` device (no weights are made)."""
-    from fastimp import models
+    from fastimp.imp.preflight import build_model
     from fastimp.masks import prunable
     with torch.device("meta"):
-        model = models.get(name, num_classes=num_classes, seed=0, **json.loads(kwargs_json))
+        model = build_model(name, json.loads(kwargs_json), num_classes)
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return P, sum(p.numel() for p in prunable(model).values()), \
         activation_elements(model, shape)

@@ -50,13 +50,28 @@ def merge_config(old, config: IMPConfig, folder: Path) -> IMPConfig:
                           replicates=len(seeds), levels=max(old.levels, config.levels))
 
 
-def _build(config: IMPConfig, num_classes: int) -> torch.nn.Module:
+def build_model(name: str, model_kwargs, num_classes: int) -> torch.nn.Module:
+    """``models.get(name, num_classes, seed=0, **model_kwargs)``; whatever goes wrong building
+    it is a ValueError naming ``model_kwargs``, the model and the cause."""
     from fastimp import models
+    from fastimp.models.registry import canonical
+    canonical(name)  # an unknown model says so
     try:
-        return models.get(config.model, num_classes=num_classes, seed=0, **config.model_kwargs)
+        return models.get(name, num_classes=num_classes, seed=0, **model_kwargs)
     except TypeError as exc:
-        raise ValueError(f"IMPConfig.model_kwargs: model {config.model!r} does not take "
-                         f"{config.model_kwargs} ({exc})") from None
+        if "argument" not in str(exc):
+            raise ValueError(f"IMPConfig.model_kwargs: model {name!r} cannot be built with "
+                             f"{model_kwargs} ({exc})") from None
+        raise ValueError(f"IMPConfig.model_kwargs: model {name!r} does not take "
+                         f"{model_kwargs} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 -- a user's factory may raise anything
+        raise ValueError(f"IMPConfig.model_kwargs: model {name!r} cannot be built with "
+                         f"{model_kwargs} ({' '.join(str(exc).split()) or type(exc).__name__})"
+                         ) from None
+
+
+def _build(config: IMPConfig, num_classes: int) -> torch.nn.Module:
+    return build_model(config.model, config.model_kwargs, num_classes)
 
 
 def _load_dataset(config: IMPConfig, device):

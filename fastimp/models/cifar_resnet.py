@@ -7,7 +7,7 @@ from torch import nn
 
 from ..batched.pack import pad_channels, register_packer
 from .init import kaiming_init_
-from .registry import register
+from .registry import positive_int, register
 
 
 class _ShortcutA(nn.Module):
@@ -94,11 +94,13 @@ def cifar_resnet_20(num_classes: int = 10, shortcut: str = "B", width: int = 16)
     """ResNet-20 for CIFAR: 16-32-64 channels (``width`` scales them), 3 stages x 3 basic blocks,
     1x1 conv + BN shortcuts where the shape changes (option B, as OpenLTH's cifar_resnet_20);
     ``shortcut="A"`` for He et al.'s parameter-free zero padding. 0.27M parameters."""
+    width = positive_int(width, "width")
     return CifarResNet([(width, 3), (2 * width, 3), (4 * width, 3)], num_classes, shortcut)
 
 
 @register("cifar_resnet_18", aliases=("resnet18",))
 def cifar_resnet_18(num_classes: int = 100, shortcut: str = "B", width: int = 64) -> nn.Module:
     """ResNet-18 for CIFAR: 3x3 stem, no max-pool, 64-128-256-512 channels x 2 basic blocks."""
+    width = positive_int(width, "width")
     return CifarResNet([(width, 2), (2 * width, 2), (4 * width, 2), (8 * width, 2)], num_classes,
                        shortcut)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import kaiming_init_
-from .registry import register
+from .registry import positive_int, positive_ints, register
 
 
 class MLP(nn.Module):
@@ -49,10 +49,14 @@ class ConvNet1d(nn.Module):
 @register("mnist1d_mlp")
 def mnist1d_mlp(num_classes: int = 10, hidden=(100, 100), in_features: int = 40) -> nn.Module:
     """MLP 40 -> 100 -> 100 -> num_classes with ReLU."""
-    return MLP(in_features, tuple(hidden), num_classes)
+    return MLP(positive_int(in_features, "in_features"), positive_ints(hidden, "hidden"),
+               positive_int(num_classes, "num_classes"))
 
 
 @register("mnist1d_conv")
 def mnist1d_conv(num_classes: int = 10, channels: int = 32, length: int = 40) -> nn.Module:
     """1-D conv net: 3 conv layers (``channels`` wide, stride 2) + linear."""
-    return ConvNet1d(length, channels, num_classes)
+    if positive_int(length, "length") < 3:  # three stride-2 convolutions leave one position
+        raise ValueError(f"length: expected an int >= 3, got {length!r}")
+    return ConvNet1d(length, positive_int(channels, "channels"),
+                     positive_int(num_classes, "num_classes"))

@@ -60,5 +60,22 @@ def get(name: str, num_classes: Optional[int] = None, seed: Optional[int] = None
         return fn(**kw)
 
 
+def positive_int(value, name: str) -> int:
+    """``value`` checked as an int >= 1 (a model's width, depth, length ...)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def positive_ints(values, name: str) -> tuple:
+    """``values`` checked as a list of ints >= 1 (e.g. an MLP's hidden widths)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name}: expected a list of ints >= 1, got {values!r}")
+    values = tuple(values)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"{name}: expected a list of ints >= 1, got {list(values)!r}")
+    return values
+
+
 def factory_signature(name: str) -> inspect.Signature:
     return inspect.signature(_FACTORIES[canonical(name)])
