@@ -250,16 +250,18 @@ class Masks(Mapping):
         path = os.fspath(path)
         tensors = {n: m.detach().cpu().contiguous() for n, m in self._m.items()}
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as to_bytes
         except ImportError:  # safetensors is optional: torch.save, which load() also reads
-            save_file = None
+            to_bytes = None
 
         def write(tmp):
-            if path.endswith((".pt", ".pth")) or save_file is None:
+            if path.endswith((".pt", ".pth")) or to_bytes is None:
                 write_torch({"format": _FORMAT, "names": list(tensors), "masks": tensors}, tmp)
-            else:
-                save_file(tensors, tmp, metadata={"format": _FORMAT,
-                                                  "names": json.dumps(list(tensors))})
+            else:  # into our temp file (safetensors' save_file renames its own: mode 0600)
+                data = to_bytes(tensors, metadata={"format": _FORMAT,
+                                                   "names": json.dumps(list(tensors))})
+                with open(tmp, "wb") as f:
+                    f.write(data)
         atomic_write(path, write)
 
     @classmethod

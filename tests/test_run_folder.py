@@ -425,6 +425,21 @@ def test_files_follow_the_umask(tmp_path, umask, mode):
     assert {p.stat().st_mode & 0o777 for p in dirs} == {0o777 & ~umask}
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt"])
+def test_saved_masks_follow_the_umask(tmp_path, umask, mode, name):
+    from fastimp.masks import Masks
+    masks = Masks({"w": torch.rand(3, 4) > 0.5})
+    old = os.umask(umask)
+    try:
+        masks.save(tmp_path / name)
+    finally:
+        os.umask(old)
+    assert (tmp_path / name).stat().st_mode & 0o777 == mode
+    assert Masks.load(tmp_path / name) == masks
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 # --------------------------------------------------------------------------------- Ctrl-C
 @pytest.mark.slow
 def test_ctrl_c_says_where_and_rerun_resumes(tmp_path):
