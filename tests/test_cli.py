@@ -187,3 +187,24 @@ def test_hessian_forward_mode_raises_no_future_warning():
                        capture_output=True, text=True, cwd=ROOT, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0 and "FutureWarning" not in p.stderr, p.stderr
+
+
+INTERRUPT_AT_TORCH_IMPORT = """
+import builtins, os, runpy, signal, sys
+real = builtins.__import__
+def hook(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while torch imports
+    return real(name, *args, **kwargs)
+builtins.__import__ = hook
+sys.argv = ["fastimp", "backends"]
+runpy.run_module("fastimp", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", INTERRUPT_AT_TORCH_IMPORT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.strip() == "fastimp: interrupted (Ctrl-C)", res.stderr
