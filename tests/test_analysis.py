@@ -722,3 +722,62 @@ def test_analysis_file_names_are_spelled_only_in_paths():
             if isinstance(node, ast.Constant) and node.value in names | {"analysis"}:
                 spelled.append(f"{py.relative_to(root)}:{node.lineno} {node.value!r}")
     assert spelled == []
+
+
+# ------------------------------------------------------------- damaged analysis files (audit)
+def _damaged(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"params": {"betas": [0.5,')       # truncated JSON
+
+
+@pytest.mark.parametrize("name,command", [
+    (lambda run, paths: paths.barrier_json(run), "fastimp barrier DIR"),
+    (lambda run, paths: paths.plane_json(run, "imp", 1, 0), "fastimp plane DIR"),
+    (lambda run, paths: paths.plane_json(run, "pruning", 0, 6), "fastimp plane DIR --kind pruning"),
+    (lambda run, paths: paths.hessian_summary_json(run, 1, 0), "fastimp hessian DIR"),
+    (lambda run, paths: paths.prune_scan_json(run, 1, 0), "fastimp prune-scan DIR"),
+    (lambda run, paths: paths.robustness_json(run), "fastimp robustness DIR"),
+    (lambda run, paths: paths.paper_json(run), "fastimp paper DIR"),
+], ids=["barrier", "plane_imp", "plane_pruning", "hessian", "prune_scan", "robustness", "paper"])
+def test_a_damaged_analysis_file_is_one_line_naming_it(run_copy, capsys, name, command):
+    from fastimp.analysis import paths
+    from fastimp.cli import main
+    bad = name(run_copy, paths)
+    _damaged(bad)
+    assert main(["report", str(run_copy.dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(bad) in err and "not readable JSON" in err, err
+    assert f"delete it and rerun `{command}" in err, err
+
+
+def test_a_damaged_part_of_a_resumable_analysis_is_computed_again(run_copy):
+    from fastimp.analysis import paths
+    from fastimp.analysis.barriers import barrier_analysis
+    from fastimp.analysis.prune_scan import prune_scan_analysis
+    from fastimp.imp.verify import RecomputeWarning
+    run = run_copy
+    kw = dict(max_examples=100, betas=[0.5], matrix=False, rewind_steps=[0])
+    first = barrier_analysis(run, **kw)
+    _damaged(paths.barrier_json(run))
+    with pytest.warns(RecomputeWarning, match="barrier.json is not readable JSON"):
+        again = barrier_analysis(run, resume=True, **kw)
+    assert again["paths"] == first["paths"]
+    assert json.loads(paths.barrier_json(run).read_text())["paths"] == first["paths"]
+    part = paths.prune_scan_json(run, 1, 6, 0)
+    _damaged(part)
+    with pytest.warns(RecomputeWarning, match=f"{part.name} is not readable JSON"):
+        prune_scan_analysis(run, 1, rewind_step=6, replicate=0, ratios=(0.5,),
+                            eps_matching=1.0, log=lambda *a: None)
+    assert [e["ratio"] for e in json.loads(part.read_text())["results"]] == [0.5, 0.5]
+
+
+def test_barrier_on_a_run_with_no_finished_level_computes_nothing(run_copy, capsys):
+    from fastimp.cli import main
+    empty = run_copy.dir.parent / "empty" / run_copy.dir.name
+    empty.mkdir(parents=True)
+    shutil.copy(run_copy.dir / "config.json", empty / "config.json")
+    assert main(["barrier", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to compute" in err, err
+    assert sorted(p.name for p in empty.iterdir() if p.name != ".lock") == ["config.json"]

@@ -63,6 +63,9 @@ def barrier_analysis(run, rewind_steps: Optional[Sequence[int]] = None, replicat
     taus = common.rewind_list(run, rewind_steps)
     reps = common.replicate_list(run, replicate)
     mtau = taus[-1] if matrix_rewind_step is None else int(matrix_rewind_step)
+    if not any(run.levels(t, r) for t in set(taus) | {mtau} for r in reps):
+        raise ValueError(f"{run.dir}: nothing to compute yet, no level has finished; run (or "
+                         "resume) `fastimp imp` with the same arguments first")
     params = {"rewind_steps": taus, "replicates": reps, "betas": betas, "matrix": matrix,
               "matrix_rewind_step": mtau, "max_examples": max_examples, "bn": bn,
               "bn_examples": bn_examples if bn == "reset" else None, "eps": eps,

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from fastimp._io import load_json, save_json
+from fastimp._io import save_json
 
 
 def default_device(device: Optional[str] = None) -> str:
@@ -126,14 +126,29 @@ def normalized(params: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(params, default=str))
 
 
+def read_output(path: Path, command: Optional[str] = None) -> Any:
+    """The analysis output (JSON) at ``path``, checked: an unreadable one is a
+    :class:`fastimp.imp.verify.CorruptFileError`, one line naming the file and the fix (delete
+    it and rerun ``command``, the analysis that wrote it)."""
+    from fastimp.imp.verify import read_json
+    rerun = f"`{command}`" if command else "the analysis that wrote it"
+    return read_json(path, f"delete it and rerun {rerun}")
+
+
 def read(path: Path) -> Optional[Dict[str, Any]]:
-    """The JSON at ``path``, or None when it is missing or unreadable."""
+    """The JSON at ``path`` (an analysis' own output, or a part of it that a rerun can skip), or
+    None when it is missing; an unreadable one is None too (recomputed), with a
+    :class:`fastimp.imp.verify.RecomputeWarning` naming it."""
+    from fastimp.imp.verify import CorruptFileError, RecomputeWarning
     path = Path(path)
     if not path.exists():
         return None
     try:
-        return load_json(path)
-    except (OSError, ValueError):
+        return read_output(path)
+    except CorruptFileError as exc:
+        import warnings
+        warnings.warn(RecomputeWarning(f"{path} {exc.problem}: computing it again"),
+                      stacklevel=2)
         return None
 
 

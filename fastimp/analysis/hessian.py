@@ -47,10 +47,9 @@ def epsilon(run, level: int, rewind_step: int, replicate: int, eps: Optional[flo
     run's per-batch train loss over its last epoch (Appendix F)."""
     if eps is not None:
         return float(eps), "given (--eps)"
-    from fastimp._io import load_json
     path = paths.prune_scan_json(run, level, rewind_step, replicate)
     if path.exists():
-        e = load_json(path).get("eps_train")
+        e = common.read_output(path, "fastimp prune-scan DIR --level L").get("eps_train")
         if e is not None and e > 0:
             return float(e), "Appendix B (fit of train loss vs test error, prune-scan)"
     stats = run.stats(0, rewind_step=rewind_step, replicate=replicate)

@@ -74,8 +74,7 @@ def prune_scan_analysis(run, level: int, rewind_step: Optional[int] = None, repl
     states, todo = {}, []
     for r in reps:
         path = paths.prune_scan_json(run, level, tau, r)
-        from fastimp._io import load_json
-        state = load_json(path) if path.exists() else {}
+        state = common.read(path) or {}  # a corrupt one is recomputed
         same = state.get("seed", seed) == seed
         done = {(e["method"], e["ratio"]): e for e in state.get("results", []) if same}
         states[r] = done
@@ -170,20 +169,22 @@ def _write_mean(run, level, tau, states: List[Dict], dense_error, eps_match, dis
 def theory_curve(run, level, tau, replicate=None, eps=None):
     """(R, f_max) of level ``level`` from :mod:`fastimp.analysis.hessian`'s output (the mean over
     replicates when ``replicate`` is None), at ``eps`` when given, else None."""
-    from fastimp._io import load_json
     from fastimp.analysis.hessian import f_max_curve
+
+    def read(path):
+        return common.read_output(path, "fastimp hessian DIR --level L")
     if replicate is None:
         p = paths.hessian_summary_json(run, level, tau)
         if not p.exists():
             return None
-        h = load_json(p)
-        hs = [load_json(paths.hessian_json(run, level, tau, r)) for r in h["replicates"]
+        h = read(p)
+        hs = [read(paths.hessian_json(run, level, tau, r)) for r in h["replicates"]
               if paths.hessian_json(run, level, tau, r).exists()]
     else:
         p = paths.hessian_json(run, level, tau, replicate)
         if not p.exists():
             return None
-        h = load_json(p)
+        h = read(p)
         hs = [h]
     R = np.asarray(h["curve"]["R"])
     if eps is None or not eps > 0 or not hs:

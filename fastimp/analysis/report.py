@@ -3,11 +3,10 @@
 ``fastimp.hessian.report``, Fig. 11 in ``fastimp.report``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastimp.analysis import paths
-from fastimp.analysis.common import figure, pm
+from fastimp.analysis.common import figure, pm, read_output
 from fastimp.report import FigureUnavailable, compared_runs, register_section
 
 
@@ -16,7 +15,7 @@ def unavailable(run, step: str, command: str) -> str:
     how to compute it."""
     p = paths.paper_json(run)
     if p.exists():
-        why = json.loads(p.read_text()).get("steps", {}).get(step)
+        why = read_output(p, "fastimp paper DIR").get("steps", {}).get(step)
         if why and why != "done":
             return why
     return f"not computed: run `fastimp paper DIR` or `{command}`"
@@ -26,7 +25,7 @@ def load(run, path, step: str, command: str):
     """The analysis JSON at ``path``, or FigureUnavailable with the reason it is missing."""
     if not path.exists():
         raise FigureUnavailable(unavailable(run, step, command))
-    return json.loads(path.read_text())
+    return read_output(path, command)
 
 
 @register_section(figure=4, title="Robustness of SGD at the rewind point")

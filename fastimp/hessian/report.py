@@ -3,11 +3,10 @@ pruning-ratio scan, from what :mod:`fastimp.analysis.hessian` and
 :mod:`fastimp.analysis.prune_scan` wrote (imported by ``fastimp.report``)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from fastimp.analysis.common import figure
+from fastimp.analysis.common import figure, read_output
 from fastimp.report import FigureUnavailable, register_section
 
 
@@ -29,8 +28,9 @@ def fig5_hessian(run, report_dir: Path):
     from fastimp.analysis.hessian import caption, plot_threshold
     from fastimp.analysis.prune_scan import plot_scan
     from fastimp.analysis.report import unavailable
-    hess = [json.loads(p.read_text()) for p in paths.hessian_summaries(run)]
-    scans = [json.loads(p.read_text()) for p in paths.prune_scan_summaries(run)]
+    hess = [read_output(p, "fastimp hessian DIR --level L") for p in paths.hessian_summaries(run)]
+    scans = [read_output(p, "fastimp prune-scan DIR --level L")
+             for p in paths.prune_scan_summaries(run)]
     if not hess and not scans:
         raise FigureUnavailable(unavailable(run, "hessian", "fastimp hessian DIR --level L and "
                                                            "fastimp prune-scan DIR --level L"))

@@ -3,11 +3,10 @@ error landscape of an IMP step) and Fig. 6 (magnitude vs random pruning directio
 what :mod:`fastimp.analysis.barriers` and :mod:`fastimp.analysis.planes` wrote."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List
 
-from fastimp.analysis.common import figure, pm
+from fastimp.analysis.common import figure, pm, read_output
 from fastimp.report import FigureUnavailable, register_section
 
 
@@ -67,7 +66,8 @@ def _plane_section(run, report_dir: Path, kind: str) -> str:
         raise FigureUnavailable(unavailable(run, f"planes_{kind}",
                                             "fastimp plane DIR" + (" --kind pruning"
                                                                    if kind == "pruning" else "")))
-    results = [json.loads(p.read_text()) for p in files]
+    results = [read_output(p, "fastimp plane DIR" + (" --kind pruning" if kind == "pruning"
+                                                     else "")) for p in files]
     results.sort(key=lambda r: (r["rewind_step"], r["level"]))
     lines: List[str] = []
     if kind == "imp":
