@@ -235,8 +235,9 @@ def train(model: nn.Module, cfg, loader, masks=None, start_step: int = 0,
                     bar.update(step, f"{float(losses[guard.checked - start - 1]):.4f}",
                                scheduler.get_last_lr()[0])
             guard.flush(step)
-            del net
     finally:
+        # drop DDP (its reducer holds the process group) now, not with the traceback of an error
+        net = None  # noqa: F841
         bar.close()
         if channels_last:
             model.to(memory_format=torch.contiguous_format)

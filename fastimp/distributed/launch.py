@@ -35,6 +35,20 @@ def _quiet():
             os.environ["TQDM_DISABLE"] = old
 
 
+def _release_frames(exc: BaseException) -> None:
+    """Free what the frames of ``exc``'s traceback (and its context's) hold, e.g. a
+    DistributedDataParallel whose reducer holds the process group, so that the group is gone
+    when the error leaves it (not at interpreter exit, where gloo can abort)."""
+    import gc
+    import traceback
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
+
+
 def run_command(command: str, fn: Callable[[], int]) -> int:
     """``fn()`` (a CLI command) as this rank of a torchrun job, or plainly without torchrun."""
     if not env.launched():
@@ -55,9 +69,10 @@ def run_command(command: str, fn: Callable[[], int]) -> int:
                 status = fn()
         ok = True
         return status
-    except RuntimeError as exc:  # a collective failed: another rank left (its error says why)
-        stopped = env.peer_gone(exc)
-        if stopped is None:
+    except BaseException as exc:
+        _release_frames(exc)
+        stopped = env.peer_gone(exc) if isinstance(exc, RuntimeError) else None
+        if stopped is None:  # else a collective failed: another rank left (its error says why)
             raise
         raise stopped from exc
     finally:
