@@ -394,3 +394,71 @@ def test_more_than_2_pow_31_elements(backend):
     _backend.resolve("masked_sgd", backend, "cuda")([p], [g], [b], [m], [False], **kw)
     assert_close_scaled(p[idx].cpu(), pe, torch.float16, "param")
     assert_close_scaled(b[idx].cpu(), be, torch.float16, "buf")
+
+
+def views_at_the_same_addresses():
+    """(name, make(p, g, b, m) -> the bad (params, grads, bufs, masks), the argument named):
+    tensors that share the addresses of a valid call's tensors but not their dtype or shape."""
+    return [
+        ("grad: a shorter view", lambda p, g, b, m: ([p], [g[:9]], [b], [m]), "grads"),
+        ("grad: an int32 view", lambda p, g, b, m: ([p], [g.view(torch.int32)], [b], [m]),
+         "grads"),
+        ("grad: another shape", lambda p, g, b, m: ([p], [g.view(2, 5)], [b], [m]), "grads"),
+        ("buffer: an int32 view", lambda p, g, b, m: ([p], [g], [b.view(torch.int32)], [m]),
+         "bufs"),
+        ("buffer: a shorter view", lambda p, g, b, m: ([p], [g], [b[:3]], [m]), "bufs"),
+        ("mask: an int8 view", lambda p, g, b, m: ([p], [g], [b], [m.view(torch.int8)]),
+         "masks"),
+        ("mask: a shorter view", lambda p, g, b, m: ([p], [g], [b], [m[:9]]), "masks"),
+        ("param: a shorter view", lambda p, g, b, m: ([p[:9]], [g], [b], [m]), "grads"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(views_at_the_same_addresses())),
+                         ids=[c[0] for c in views_at_the_same_addresses()])
+@pytest.mark.parametrize("backend", available())
+def test_checks_run_on_every_call_not_only_the_first(backend, case):
+    """A valid call (which caches the ``cuda``/``triton`` device table), then a bad call over
+    tensors at the same addresses: the same error as a first call, and nothing written."""
+    name, make, arg = views_at_the_same_addresses()[case]
+    gen = torch.Generator().manual_seed(31)
+    p, g, b = (torch.randn(10, generator=gen) for _ in range(3))
+    m = torch.rand(10, generator=gen) > 0.3
+    impl = _backend.resolve("masked_sgd", backend, "cpu")
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+              maximize=False, decoupled=False)
+    impl([p], [g], [b], [m], [False], **kw)  # valid: builds (and caches) the table
+    errors = []
+    for attempt in range(2):  # a bad call after a valid one, twice (the second after a miss)
+        before = [t.clone() for t in (p, g, b, m)]
+        with pytest.raises((ValueError, TypeError), match=arg) as err:
+            impl(*make(p, g, b, m), [False], **kw)
+        errors.append(err.type)
+        assert all(torch.equal(x, y) for x, y in zip((p, g, b, m), before)), f"{name}: written"
+    for first in available():  # a first call's error, in every backend
+        fresh = torch.randn(10), torch.randn(10), torch.randn(10), torch.rand(10) > 0.3
+        with pytest.raises((ValueError, TypeError), match=arg) as err:
+            _backend.resolve("masked_sgd", first, "cpu")(*make(*fresh), [False], **kw)
+        assert errors == [err.type, err.type], f"{name}: {backend} and {first} disagree"
+
+
+@pytest.mark.parametrize("backend", available())
+def test_a_mask_at_the_same_address_with_other_strides(backend):
+    """After a call with a channels_last mask, a mask over the same memory with contiguous
+    strides (another logical mask) is read as itself, not as the cached one."""
+    torch.manual_seed(0)
+    shape = (2, 3, 4, 5)
+    p0 = torch.randn(shape).to(memory_format=torch.channels_last)
+    g = torch.randn(shape).to(memory_format=torch.channels_last)
+    m = (torch.rand(shape) > 0.5).to(memory_format=torch.channels_last)
+    m2 = torch.as_strided(m, shape, torch.empty(shape).stride())
+    assert m2.data_ptr() == m.data_ptr() and not torch.equal(m2, m)
+    kw = dict(lr=0.5, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+              maximize=False, decoupled=False)
+    impl = _backend.resolve("masked_sgd", backend, "cpu")
+    p = p0.clone(memory_format=torch.channels_last)
+    impl([p], [g], [None], [m], [False], **kw)
+    p.copy_(p0)
+    impl([p], [g], [None], [m2], [False], **kw)
+    pe, _ = ref64(p0, g, None, m2, False, **kw)
+    assert_close_scaled(p, pe, torch.float32, "param")

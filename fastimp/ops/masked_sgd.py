@@ -203,10 +203,13 @@ def _cpu(params, grads, bufs, masks, init, *, lr, momentum, dampening, weight_de
 class _Tables:
     """Device tables of the ``cuda`` and ``triton`` backends, cached per (backend, tensors).
 
-    The key holds, per tensor, the addresses of p, g, b, m, p's size and g's dtype and layout
-    flag: a step over the same tensors finds its table and uploads nothing. A miss checks the
-    whole group (``check_group``) and builds the table; building one during CUDA graph capture
-    raises. Tables used while capturing are never evicted (the graph reads them at replay)."""
+    The key holds everything :func:`check_group` and the layout split read: per param its
+    address, shape and strides (the group's device and dtype once), per grad, buffer and mask
+    its address, dtype, device, shape and strides, and whether momentum is on. So a hit is a
+    group that passed the checks before (same result now): it uploads nothing and checks
+    nothing; a miss checks the whole group and builds the table. Building one during CUDA graph
+    capture raises. Tables used while capturing are never evicted (the graph reads them at
+    replay)."""
 
     def __init__(self, size: int = 16):
         self.size = size
@@ -215,15 +218,17 @@ class _Tables:
         self.builds = 0
 
     @staticmethod
-    def key(backend, params, grads, bufs, masks) -> tuple:
-        return (backend, params[0].device, params[0].dtype,
-                tuple(x for p, g, b, m in zip(params, grads, bufs, masks) for x in (
-                    p.data_ptr(), p.numel(), g.data_ptr(), g.dtype, g.is_contiguous(),
-                    0 if b is None else b.data_ptr(), 0 if m is None else m.data_ptr())))
+    def key(backend, params, grads, bufs, masks, momentum) -> tuple:
+        return (backend, params[0].device, params[0].dtype, momentum != 0, tuple([
+            (p.data_ptr(), p.shape, p.stride(),
+             g.data_ptr(), g.dtype, g.device, g.shape, g.stride(),
+             None if b is None else (b.data_ptr(), b.dtype, b.device, b.shape, b.stride()),
+             None if m is None else (m.data_ptr(), m.dtype, m.device, m.shape, m.stride()))
+            for p, g, b, m in zip(params, grads, bufs, masks)]))
 
     def get(self, backend: str, build: Callable, params, grads, bufs, masks, momentum):
         """(key, (table or None, fast indices, slow indices))."""
-        key = self.key(backend, params, grads, bufs, masks)
+        key = self.key(backend, params, grads, bufs, masks, momentum)
         entry = self.pinned.get(key) or self.entries.get(key)
         capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
         if entry is None:
