@@ -511,3 +511,33 @@ def test_cached_step_follows_every_change(backend, monkeypatch):
     sgd.state.clear()
     step()
     step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_step_sees_a_grad_with_other_strides_at_the_same_address(backend):
+    """A new grad over the old grad's memory but laid out otherwise (channels_last): torch's grad
+    setter checks shape, dtype and device, not strides, so the cached step must."""
+    gen = torch.Generator().manual_seed(22)
+    shape = (2, 3, 4, 5)
+    w = torch.randn(shape, generator=gen)
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = MaskedSGD([ours], lr=0.1, momentum=0.9, backend=backend)
+    sgd = torch.optim.SGD([theirs], lr=0.1, momentum=0.9)
+    g = torch.randn(shape, generator=gen)
+    ours.grad, theirs.grad = g.clone(), g.clone()
+    opt.step(), sgd.step()
+    other = torch.empty(shape).to(memory_format=torch.channels_last).stride()
+    ours.grad = ours.grad.as_strided(shape, other)  # the same memory, other strides
+    theirs.grad = ours.grad.clone()
+    opt.step(), sgd.step()
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_deepcopy_and_pickle_keep_the_backend():
+    import copy
+    import pickle
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = MaskedSGD([p], lr=0.1, momentum=0.9, backend="torch")
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.backend == "torch"
+        assert twin.param_groups[0]["momentum"] == 0.9
