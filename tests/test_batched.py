@@ -143,35 +143,10 @@ def test_cannot_pack_says_why():
 
 
 # --------------------------------------------------------------------- equality with train()
-class _SGD64(torch.optim.SGD):
-    """torch.optim.SGD + masks: MaskedSGD's semantics for float64 (which MaskedSGD refuses)."""
-
-    def __init__(self, params, masks, **kw):
-        super().__init__(params, **kw)
-        self.masks = masks
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        super().step()
-        for p, m in self.masks.items():
-            p.mul_(m)
-            buf = self.state[p].get("momentum_buffer")
-            if buf is not None:
-                buf.mul_(m)
-
-
-@pytest.fixture
-def float64_sgd(monkeypatch):
-    def make(model, cfg, masks=None):
-        by_param = training._params_to_masks(model, training._mask_dict(model, masks))
-        return _SGD64(model.parameters(), by_param, lr=cfg.lr, momentum=cfg.momentum,
-                      weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    monkeypatch.setattr(training, "make_optimizer", make)
-
-
-def test_packed_resnet_equals_separate_runs_float64(float64_sgd):
-    """BN + masks + momentum + milestones + runs starting at different steps, 50 steps: in
-    float64 (where the packed and the plain kernels round alike) the runs equal train()'s."""
+def test_packed_resnet_equals_separate_runs_float64():
+    """BN + masks + momentum (MaskedSGD) + milestones + runs starting at different steps, 50
+    steps: in float64 (where the packed and the plain kernels round alike) the runs equal
+    train()'s."""
     x, y = images(dtype=torch.float64)
     loaders = image_loaders(x, y)
     cfg = TrainConfig(steps=50, batch_size=8, lr=0.1, momentum=0.9, weight_decay=5e-4,
@@ -345,6 +320,43 @@ def test_model_that_cannot_pack_falls_back_with_one_warning():
     for m, r, ld in zip(ms, ref, loaders):
         train(r, cfg, ld, progress=False)
         assert states_equal(m, r)  # the loop is train() itself
+
+
+def test_cumulative_batchnorm_at_different_counts_falls_back_before_training():
+    """BatchNorm(momentum=None) weighs a batch by 1/count, one count per packed module: runs
+    starting at different steps from equal counts would meet at different counts, so they are
+    trained in a loop (one warning) instead of failing when they meet; equal starts pack."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(40, 16)
+            self.bn = nn.BatchNorm1d(16, momentum=None)
+            self.out = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.out(F.relu(self.bn(self.fc(x))))
+
+    ds = data.get("mnist1d")
+    cfg = TrainConfig(steps=6, batch_size=50, lr=0.1, momentum=0.9, milestones=())
+    loaders = [training.make_loader(ds, cfg.replace(data_seed=s)) for s in range(2)]
+    for starts, packs in (([0, 3], False), ([3, 3], True)):
+        torch.manual_seed(0)
+        ms = [Net(), Net()]
+        ref = [copy.deepcopy(m) for m in ms]
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            train_batched(ms, cfg, loaders, start_step=starts, progress=False,
+                          batching="packed")
+        fallbacks = [w for w in rec if w.category is BatchingFallbackWarning]
+        assert len(fallbacks) == (0 if packs else 1), [str(w.message) for w in fallbacks]
+        if not packs:
+            assert "momentum=None" in str(fallbacks[0].message)
+        for m, r, ld, start in zip(ms, ref, loaders, starts):
+            train(r, cfg, ld, start_step=start, progress=False)
+            if packs:
+                assert max(rel_errors(m, r).values()) < 1e-4
+            else:
+                assert states_equal(m, r)  # the loop is train() itself
 
 
 def test_auto_batches_on_the_cpu_only_where_it_pays():

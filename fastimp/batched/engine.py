@@ -343,12 +343,33 @@ def _packable(models, loaders, masks, ranges, device, batching) -> str:
     try:
         packed = pack(models)
         verify(packed, models, probe)
+        _cumulative_batchnorm_counts_agree(models, ranges)
     except CannotPack as exc:
         warnings.warn(f"train_batched: the {len(models)} runs of {type(models[0]).__name__} "
                       f"cannot be packed into one model ({exc}); training them one after "
                       "another", BatchingFallbackWarning, stacklevel=3)
         return "loop"
     return "packed"
+
+
+def _cumulative_batchnorm_counts_agree(models, ranges) -> None:
+    """Raise :class:`CannotPack` unless the runs reach every global step at one batch count of
+    each BatchNorm with ``momentum=None`` (a cumulative average, weighted by 1/count, which one
+    packed module has once for all its runs). A run counts one batch per step, so run ``r``
+    holds ``count_r + (step - start_r)`` at ``step``: the offsets ``count_r - start_r`` must
+    agree (runs starting at different steps from equal counts do not)."""
+    for name, m0 in models[0].named_modules():
+        if not (isinstance(m0, nn.modules.batchnorm._BatchNorm) and m0.momentum is None
+                and m0.num_batches_tracked is not None):
+            continue
+        offsets = [int(m.get_submodule(name).num_batches_tracked) - rng[0]
+                   for m, rng in zip(models, ranges)]
+        if len(set(offsets)) > 1:
+            raise CannotPack(
+                f"{name or 'the model'} ({type(m0).__name__}): momentum=None (a cumulative "
+                f"average) and runs that would be packed at different batch counts (start "
+                f"steps {[rng[0] for rng in ranges]}, batches counted "
+                f"{[int(m.get_submodule(name).num_batches_tracked) for m in models]})")
 
 
 def _loop(models, cfgs, loaders, masks, ranges, ckpts, on_step, progress, eval_data,
