@@ -378,6 +378,14 @@ def test_memory_decides_how_many_runs_go_together(monkeypatch, pack_widths):
     monkeypatch.setattr(engine, "_free_bytes", lambda device: 13 * n_params * 2.5)
     per_run_params_only = runs_that_fit(model, x[:2].float(), 8, "cpu")
     assert per_run_params_only < 3  # activations count too
+    # the runs' own momentum buffers (4 B per parameter each, allocated when a packed segment
+    # hands its state back) are set aside first
+    left = 13 * n_params * 40
+    monkeypatch.setattr(engine, "_free_bytes", lambda device: left + 4 * n_params * 12)
+    twelve = runs_that_fit(model, x[:2].float(), 8, "cpu", runs=12)
+    monkeypatch.setattr(engine, "_free_bytes", lambda device: left + 4 * n_params)
+    assert twelve == runs_that_fit(model, x[:2].float(), 8, "cpu", runs=1) >= 2
+    assert runs_that_fit(model, x[:2].float(), 8, "cpu", runs=12) < twelve
     widths = pack_widths
     monkeypatch.setattr(engine, "runs_that_fit", lambda *a, **k: 2)
     ms = [resnet(s) for s in range(4)]

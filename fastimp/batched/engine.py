@@ -173,17 +173,21 @@ def _probe(model: nn.Module, x: torch.Tensor):
 
 
 def runs_that_fit(model: nn.Module, x: torch.Tensor, batch_size: int, device,
-                  momentum: bool = True) -> int:
-    """How many runs of ``model`` at ``batch_size`` fit in the free memory of ``device``: per run
-    its weights, gradients, momentum and mask (13 B per parameter), three times the activations
-    of a forward (kept for backward, their gradients, workspace) and its batch."""
+                  momentum: bool = True, runs: int = 1) -> int:
+    """How many runs of ``model`` at ``batch_size`` fit packed in the free memory of ``device``
+    (measured with the ``runs`` models of the program already on it): per packed run its
+    weights, gradients, momentum and mask (13 B per parameter), three times the activations of
+    a forward (kept for backward, their gradients, workspace) and its batch; first, the momentum
+    buffer each of the ``runs`` runs' own optimizer gets when its packed state is handed back
+    (4 B per parameter) is set aside."""
     device = torch.device(device)
     n_params = sum(p.numel() for p in model.parameters())
     act, _, _ = _probe(model, x)
     per_param = 4 + 4 + (4 if momentum else 0) + 1
     per_run = n_params * per_param + 3 * act * batch_size + \
         x[:1].numel() * x.element_size() * batch_size
-    return max(1, int(_free_bytes(device) // max(1, per_run)))
+    own = runs * n_params * 4 if momentum else 0
+    return max(1, int(max(0, _free_bytes(device) - own) // max(1, per_run)))
 
 
 def batching_pays(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> bool:
@@ -309,7 +313,7 @@ def train_batched(models, cfg, loaders, masks=None, start_step=0, end_step=None,
     else:
         limit = max_batch_runs or runs_that_fit(
             models[0], loaders[0].batch(ranges[0][0])[0][:2], loaders[0].batch_size, device,
-            cfgs[0].momentum != 0)
+            cfgs[0].momentum != 0, runs=len(runs))
     opts = dict(precision=precision, channels_last=channels_last, cuda_graph=cuda_graph)
     results: Dict[int, Any] = {}
 
