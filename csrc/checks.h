@@ -3,8 +3,10 @@
 //   fastimp: argument 'grads': expected tensor 3 with the dtype of its param (float32), got ...
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cstddef>
+#include <optional>
 #include <string>
 
 #define FASTIMP_CHECK_ARG(cond, name, ...) \
@@ -50,6 +52,28 @@ inline void mask_like_param(const at::Tensor& m, const at::Tensor& p, const char
                         same_layout(m, p),
                     name, entry(i), " of dtype bool or uint8 with the device, shape and strides "
                     "of its param (", describe(p), "), got ", describe(m));
+}
+
+// Entry i of `a` and of `b` share no memory (an op writing one while reading the other);
+// fastimp/ops/_overlap.py says the same in Python.
+inline void no_overlap(const at::Tensor& x, const char* a, const at::Tensor& y, const char* b,
+                       size_t i) {
+  TORCH_CHECK_VALUE(at::get_overlap_status(x, y) == at::MemOverlapStatus::No,
+                    "fastimp: arguments '", a, "' and '", b, "': ", entry(i),
+                    " of each overlap in memory; expected separate tensors");
+}
+
+// Masked SGD writes p and b and reads g and m: none of p, b may share memory with another.
+inline void sgd_no_overlap(const at::Tensor& p, const at::Tensor& g,
+                           const std::optional<at::Tensor>& b,
+                           const std::optional<at::Tensor>& m, size_t i) {
+  no_overlap(p, "params", g, "grads", i);
+  if (b.has_value()) no_overlap(p, "params", *b, "bufs", i);
+  if (m.has_value()) no_overlap(p, "params", *m, "masks", i);
+  if (b.has_value()) {
+    no_overlap(g, "grads", *b, "bufs", i);
+    if (m.has_value()) no_overlap(*b, "bufs", *m, "masks", i);
+  }
 }
 
 inline bool is_float_kind(at::ScalarType st) {

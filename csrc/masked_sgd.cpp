@@ -207,6 +207,7 @@ void masked_sgd_cpu(const std::vector<at::Tensor>& params, const std::vector<at:
       check::mask_like_param(*masks[i], p, "masks", i);
       mp = static_cast<const uint8_t*>(masks[i]->data_ptr());
     }
+    check::sgd_no_overlap(p, grads[i], has_mom ? bufs[i] : std::nullopt, masks[i], i);
     const int64_t n = p.numel();
     work.push_back({pick_dtype(p.scalar_type(), h.mom, h.wd, init[i], mp != nullptr), p.data_ptr(),
                     grads[i].data_ptr(), bp, mp, n, cf, cd});

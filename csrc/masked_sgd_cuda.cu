@@ -154,6 +154,7 @@ std::tuple<at::Tensor, int64_t, int64_t, bool> masked_sgd_cuda_table(
       check::mask_like_param(*masks[i], p, "masks", i);
       mp = addr(masks[i]->data_ptr());
     }
+    check::sgd_no_overlap(p, grads[i], bufs[i], masks[i], i);
     const int64_t n = p.numel();
     tab.insert(tab.end(), {addr(p.data_ptr()), addr(grads[i].data_ptr()), bp, mp, n});
     for (int64_t start = 0; start < n; start += kChunk) {

@@ -279,3 +279,42 @@ def test_auto_hands_more_weights_than_the_kernels_count_to_an_unlimited_backend(
     first = [b for b in ("triton", "cuda") if _backend.status("magnitude_threshold", b, "cpu")]
     got = magnitude_threshold(weights, None, fraction=0.4)
     assert calls == first[:1] and got.threshold == want.threshold
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64: the reference
+def test_out_may_be_the_masks(backend, dtype):
+    """out=masks prunes in place (every backend, also where float64 falls back to the
+    reference), with the result of separate outputs."""
+    _need(backend)
+    gen = torch.Generator().manual_seed(40)
+    ws = [torch.randn(s, generator=gen, dtype=dtype) for s in [(500,), (20, 30), (1,)]]
+    masks = [torch.rand(w.shape, generator=gen) > 0.3 for w in ws]
+    want = magnitude_threshold(ws, masks, fraction=0.3, backend=backend)
+    inplace = [m.clone() for m in masks]
+    got = magnitude_threshold(ws, inplace, fraction=0.3, out=inplace, backend=backend)
+    assert all(o is m for o, m in zip(got.masks, inplace))
+    assert (got.n, got.k, got.threshold) == (want.n, want.k, want.threshold)
+    for a, b in zip(got.masks, want.masks):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_overlaps_of_out_are_refused(backend):
+    _need(backend)
+    gen = torch.Generator().manual_seed(41)
+    ws = [torch.randn(300, generator=gen), torch.randn(300, generator=gen)]
+    masks = [torch.rand(300, generator=gen) > 0.3 for _ in ws]
+    out = [torch.empty(300, dtype=torch.bool) for _ in ws]
+    shifted = torch.rand(301, generator=gen) > 0.3  # mask 0 and an output one element on
+    cases = [
+        ("out.*tensors 0 and 1", masks, [out[0], out[0]]),  # one output twice
+        ("masks.*out.*tensor 1 of 'masks' and tensor 0 of 'out'", masks, [masks[1], out[1]]),
+        ("weights.*out", masks, [ws[0].view(torch.bool)[:300], out[1]]),  # bytes of a weight
+        ("masks.*out.*tensor 0 of each", [shifted[:300], masks[1]], [shifted[1:], out[1]]),
+    ]
+    for match, ms, o in cases:
+        before = [m.clone() for m in masks] + [w.clone() for w in ws]
+        with pytest.raises(ValueError, match=match):
+            magnitude_threshold(ws, ms, fraction=0.3, out=o, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(masks + ws, before))

@@ -462,3 +462,38 @@ def test_a_mask_at_the_same_address_with_other_strides(backend):
     impl([p], [g], [None], [m2], [False], **kw)
     pe, _ = ref64(p0, g, None, m2, False, **kw)
     assert_close_scaled(p, pe, torch.float32, "param")
+
+
+def overlapping_arguments():
+    """(name, make(p, g, b, m) -> (params, grads, bufs, masks), the arguments named)."""
+    return [
+        ("grad as its own momentum buffer", lambda p, g, b, m: ([p], [g], [g], [m]),
+         "'grads' and 'bufs'"),
+        ("param as its grad", lambda p, g, b, m: ([p], [p], [b], [m]), "'params' and 'grads'"),
+        ("param as its buffer", lambda p, g, b, m: ([p], [g], [p], [m]), "'params' and 'bufs'"),
+        ("mask over the param's bytes",
+         lambda p, g, b, m: ([p], [g], [b], [p.view(torch.uint8)[:p.numel()]]),
+         "'params' and 'masks'"),
+        ("buffer overlapping its grad by one element",
+         lambda p, g, b, m: ([p[1:]], [b[:-1]], [b[1:]], [m[1:]]), "'grads' and 'bufs'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(overlapping_arguments())),
+                         ids=[c[0] for c in overlapping_arguments()])
+@pytest.mark.parametrize("backend", available())
+def test_overlapping_arguments_are_refused(backend, case):
+    """A param or buffer (written) sharing memory with its grad, buffer or mask: the result
+    would depend on the backend's order of reads and writes, so every backend refuses it."""
+    name, make, names = overlapping_arguments()[case]
+    gen = torch.Generator().manual_seed(32)
+    p, g, b = (torch.randn(10, generator=gen) for _ in range(3))
+    m = torch.rand(10, generator=gen) > 0.3
+    before = [t.clone() for t in (p, g, b, m)]
+    impl = _backend.resolve("masked_sgd", backend, "cpu")
+    with pytest.raises(ValueError, match=f"{names}.*overlap in memory"):
+        impl(*make(p, g, b, m), [False], lr=0.1, momentum=0.9, dampening=0.0,
+             weight_decay=0.0, nesterov=False, maximize=False, decoupled=False)
+    assert all(torch.equal(x, y) for x, y in zip((p, g, b, m), before)), f"{name}: written"
+    with pytest.raises(ValueError, match=f"{names}.*overlap in memory"):  # the public op too
+        ms.masked_sgd_(*make(p, g, b, m), lr=0.1, momentum=0.9, backend=backend)

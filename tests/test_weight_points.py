@@ -175,3 +175,22 @@ def test_cuda_large_slice_beyond_the_old_grid_limit(backend):
                   lo.double(), hi.double())
     assert torch.allclose(out[:, idx].double().cpu(), want, rtol=1e-5, atol=1e-5)
     assert not torch.isnan(out[-1, -5:]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_overlapping_an_input_is_refused(backend):
+    """``out`` (written) sharing memory with an input: a ValueError naming both, nothing
+    written, in every backend."""
+    _available(backend)
+    K, J, D = 3, 2, 50
+    gen = torch.Generator().manual_seed(9)
+    store = torch.randn(K * D + D, generator=gen)
+    directions, coeffs = torch.randn(J, D, generator=gen), torch.randn(K, J, generator=gen)
+    cases = [("origin", store[K * D - 10:K * D - 10 + D], directions, coeffs),  # out's tail
+             ("directions", store[K * D:], store[D:D + J * D].view(J, D), coeffs),
+             ("coeffs", store[K * D:], directions, store[:K * J].view(K, J))]
+    for name, origin, dirs, cs in cases:
+        before = store.clone()
+        with pytest.raises(ValueError, match=f"'{name}' and 'out'.*overlap in memory"):
+            weight_points(origin, dirs, cs, out=store[:K * D].view(K, D), backend=backend)
+        assert torch.equal(store, before)

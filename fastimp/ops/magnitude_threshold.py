@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fastimp import _ext
 from fastimp._backend import register_op, resolve, status
+from fastimp.ops._overlap import first_overlap, message, same_memory
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -84,6 +85,8 @@ def reference(weights: Sequence[torch.Tensor], masks: Optional[Sequence[torch.Te
             off += w.numel()
         else:
             mf = masks[i].reshape(-1).to(device)
+            if mf.data_ptr() == o.data_ptr():  # out[i] is masks[i]: pruning in place
+                mf = mf.clone()
             c = int(mf.sum())
             o.zero_()
             o[mf] = keep[off:off + c]
@@ -182,7 +185,8 @@ def magnitude_threshold(weights: Sequence[torch.Tensor],
     """New masks with the k smallest unmasked |w| removed (ties: earlier position first).
 
     Give exactly one of ``k`` and ``fraction`` (k = round(fraction·n)). ``out``: bool tensors
-    shaped like ``weights`` to write into (allocated when None)."""
+    shaped like ``weights`` to write into (allocated when None); ``out=masks`` prunes in place,
+    any other overlap of ``out`` with the inputs or itself is a ValueError."""
     weights = list(weights)
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
@@ -224,6 +228,7 @@ def magnitude_threshold(weights: Sequence[torch.Tensor],
                 or not o.is_contiguous() for o, w in zip(out, weights)):
             raise ValueError("magnitude_threshold: argument 'out': expected contiguous bool "
                              "tensors shaped like 'weights' on their device")
+    _check_no_overlap(weights, masks, out)
     weights = [w.detach().contiguous() for w in weights]
     if not weights:
         return Selection(out, 0, 0, float("-inf")) if not k else _too_many(k)
@@ -237,6 +242,19 @@ def magnitude_threshold(weights: Sequence[torch.Tensor],
     if math.isnan(threshold):  # pragma: no cover - a backend bug
         raise RuntimeError("magnitude_threshold: backend returned no threshold")
     return Selection(out, n, k, threshold)
+
+
+def _check_no_overlap(weights, masks, out) -> None:
+    """``out`` shares no memory with ``weights``, other ``out`` tensors or the masks of other
+    tensors; ``out[i]`` may be ``masks[i]`` itself (pruning in place)."""
+    def allowed(a, b):
+        if "out" not in (a[0], b[0]):
+            return True  # two inputs: both only read
+        return {a[0], b[0]} == {"masks", "out"} and a[1] == b[1] and same_memory(a[2], b[2])
+    hit = first_overlap([("weights", weights), ("masks", masks or []), ("out", out)], allowed)
+    if hit is not None:
+        raise ValueError(message(*hit) + (" (out[i] may be masks[i] itself)"
+                                          if "masks" in hit else ""))
 
 
 def _too_many(k: int):

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from fastimp import _ext
 from fastimp._backend import register_op, resolve
+from fastimp.ops._overlap import message as overlap_message, span
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOW = (torch.bfloat16, torch.float16)
@@ -117,8 +118,9 @@ def check_group(params: Sequence[Tensor], grads: Sequence[Tensor],
                 bufs: Sequence[Optional[Tensor]], masks: Sequence[Optional[Tensor]],
                 momentum: float, layout: bool = True) -> None:
     """ValueError/TypeError naming the argument unless every grad and buffer has its param's
-    dtype, device and shape (and, with ``layout``, strides) and every mask is bool/uint8 of its
-    param's shape on its device (laid out alike with ``layout``)."""
+    dtype, device and shape (and, with ``layout``, strides), every mask is bool/uint8 of its
+    param's shape on its device (laid out alike with ``layout``), and no param or buffer shares
+    memory with its grad, buffer or mask."""
     n = len(params)
     if not (len(grads) == len(bufs) == len(masks) == n):
         raise ValueError("params: expected lists params, grads, bufs, masks of one length")
@@ -145,6 +147,21 @@ def check_group(params: Sequence[Tensor], grads: Sequence[Tensor],
             raise ValueError(f"masks: expected tensor {i} of dtype bool or uint8 with the device "
                              f"and shape{' and strides' if layout else ''} of its param "
                              f"({_describe(p)}), got {_describe(m)}")
+        _check_no_overlap(i, p, g, b if momentum != 0 else None, m)
+
+
+def _check_no_overlap(i: int, p: Tensor, g: Tensor, b: Optional[Tensor],
+                      m: Optional[Tensor]) -> None:
+    """The written p and b share no memory with each other or with the g and m they read
+    (``csrc/checks.h`` ``no_overlap`` in the compiled backends)."""
+    sp, sg = span(p), span(g)
+    sb = None if b is None else span(b)
+    sm = None if m is None else span(m)
+    for a, x, c, y in (("params", sp, "grads", sg), ("params", sp, "bufs", sb),
+                       ("params", sp, "masks", sm), ("grads", sg, "bufs", sb),
+                       ("bufs", sb, "masks", sm)):
+        if x is not None and y is not None and x[0] < y[1] and y[0] < x[1]:
+            raise ValueError(overlap_message(a, i, c, i))
 
 
 def _dense(t: Tensor) -> bool:

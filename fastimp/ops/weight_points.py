@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fastimp import _ext
 from fastimp._backend import register_op, resolve
+from fastimp.ops._overlap import message, overlap
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -102,6 +103,10 @@ def _check(origin, directions, coeffs, clip, lo, hi, out):
                 or not out.is_contiguous():
             raise ValueError(f"out: expected a contiguous {dt} tensor [{coeffs.shape[0]}, {D}] on "
                              f"{dev}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+        for name, t in (("origin", origin), ("directions", directions), ("coeffs", coeffs),
+                        ("clip", clip), ("lo", lo), ("hi", hi)):
+            if overlap(t, out):
+                raise ValueError(message(name, None, "out", None))
 
 
 def weight_points(origin: torch.Tensor, directions: torch.Tensor, coeffs: torch.Tensor, *,
@@ -110,7 +115,8 @@ def weight_points(origin: torch.Tensor, directions: torch.Tensor, coeffs: torch.
     """Write the K weight sets ``origin + coeffs @ directions`` into ``out`` ([K, D]).
 
     ``clip`` (bool [D]) marks the coordinates whose coefficients are clamped to ``[lo[j], hi[j]]``
-    (``lo``/``hi``: tensors or sequences [J]; default: no clamping).
+    (``lo``/``hi``: tensors or sequences [J]; default: no clamping). ``out`` may share no
+    memory with an input (ValueError).
     """
     if isinstance(origin, torch.Tensor) and origin.dtype not in DTYPES:
         raise TypeError(f"origin: expected dtype float32 or float64, got {origin.dtype}")
