@@ -187,25 +187,38 @@ def check_threshold(device: str, dry: bool, checks: List[Dict]) -> None:
         B = blocks[backend]
         sizes = [0, 1, B - 1, B, B + 1] + ([] if dry else [3 * B + 3])
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for ties in (False, True):
+            for ties, misaligned in ((False, False), (True, False), (True, True)):
                 if ties:
                     ws = [torch.randint(-6, 7, (n,), generator=gen).to(dtype) for n in sizes]
                 else:
                     ws = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
                 mks = [torch.rand(n, generator=gen) < 0.7 for n in sizes]
-                for fraction in (0.0, 0.3, 0.999):
+                for fraction in ((0.3,) if misaligned else (0.0, 0.3, 0.999)):
                     want = th.magnitude_threshold(ws, mks, fraction=fraction, backend="torch")
-                    out = [torch.empty(n, dtype=torch.bool, device=device) for n in sizes]
-                    for o in out:
-                        o.view(torch.uint8).fill_(7)
-                    got = th.magnitude_threshold([w.to(device) for w in ws],
-                                                 [m.to(device) for m in mks], fraction=fraction,
-                                                 out=out, backend=backend)
+                    # misaligned: weights, masks and outputs one element into their storage
+                    place = _offset if misaligned else (lambda t, device: t.to(device))
+                    stores = [torch.empty(n + 1, dtype=torch.bool, device=device)
+                              for n in sizes]
+                    for st in stores:
+                        st.view(torch.uint8).fill_(7)
+                    out = [st[1:] if misaligned else st[:-1] for st in stores]
+                    got = th.magnitude_threshold([place(w, device) for w in ws],
+                                                 [place(m, device) for m in mks],
+                                                 fraction=fraction, out=out, backend=backend)
                     same = ((got.n, got.k, got.threshold) == (want.n, want.k, want.threshold)
-                            and all(torch.equal(a.cpu(), b) for a, b in zip(out, want.masks)))
+                            and all(torch.equal(a.cpu(), b) for a, b in zip(out, want.masks))
+                            and all(int(st.view(torch.uint8)[0 if misaligned else -1]) == 7
+                                    for st in stores))
                     _record(checks, "magnitude_threshold", backend,
-                            f"{str(dtype)[6:]}{' ties' if ties else ''} fraction {fraction}",
+                            f"{str(dtype)[6:]}{' ties' if ties else ''} fraction {fraction}"
+                            f"{' misaligned' if misaligned else ''}",
                             0.0 if same else math.inf, 0.0)
+
+
+def _offset(t: torch.Tensor, device) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` as a contiguous view one element into its storage."""
+    flat = torch.zeros(t.numel() + 1, dtype=t.dtype, device=device)
+    return flat[1:].view(t.shape).copy_(t)
 
 
 def check_weight_points(device: str, dry: bool, checks: List[Dict]) -> None:
@@ -214,7 +227,8 @@ def check_weight_points(device: str, dry: bool, checks: List[Dict]) -> None:
         B = 1024
         for dtype in (torch.float32, torch.float64):
             for D in ([1, B - 1, B, B + 1] if dry else [1, B - 1, B, B + 1, 3 * B + 3]):
-                for K, J in ((1, 0), (3, 2), (5, 1)):
+                for K, J, misaligned in ((1, 0, False), (3, 2, False), (5, 1, False),
+                                         (3, 2, True)):
                     o = torch.randn(D, generator=gen, dtype=torch.float64)
                     U = torch.randn(J, D, generator=gen, dtype=torch.float64)
                     C = torch.randn(K, J, generator=gen, dtype=torch.float64)
@@ -222,13 +236,21 @@ def check_weight_points(device: str, dry: bool, checks: List[Dict]) -> None:
                     lo, hi = -torch.rand(J, dtype=torch.float64), torch.rand(J, dtype=torch.float64)
                     ref = torch.empty(K, D, dtype=torch.float64)
                     wp.reference(o, U, C, clip, lo, hi, ref)
-                    out = torch.full((K, D), float("nan"), dtype=dtype, device=device)
-                    args = [t.to(device, dtype) for t in (o, U, C)]
-                    wp.weight_points(*args, clip=clip.to(device), lo=lo.to(device, dtype),
-                                     hi=hi.to(device, dtype), out=out, backend=backend)
+                    # misaligned: every tensor one element into its storage (Triton's
+                    # unaligned specialization); the element before the output stays NaN
+                    store = torch.full((K * D + 1,), float("nan"), dtype=dtype, device=device)
+                    out = (store[1:] if misaligned else store[:-1]).view(K, D)
+                    place = _offset if misaligned else (lambda t, device: t.to(device))
+                    args = [place(t.to(dtype), device) for t in (o, U, C)]
+                    wp.weight_points(*args, clip=place(clip, device),
+                                     lo=place(lo.to(dtype), device),
+                                     hi=place(hi.to(dtype), device), out=out, backend=backend)
                     tol = 1e-5 if dtype == torch.float32 else 1e-12
-                    _record(checks, "weight_points", backend, f"{str(dtype)[6:]} D={D} K={K} J={J}",
-                            _close(out, ref, dtype), tol)
+                    kept = bool(torch.isnan(store[0 if misaligned else -1]))
+                    _record(checks, "weight_points", backend,
+                            f"{str(dtype)[6:]} D={D} K={K} J={J}"
+                            f"{' misaligned' if misaligned else ''}",
+                            _close(out, ref, dtype) if kept else math.inf, tol)
         if torch.device(device).type == "cuda" and not dry:
             _check_huge_points(backend, device, checks)
 

@@ -318,3 +318,25 @@ def test_other_overlaps_of_out_are_refused(backend):
         with pytest.raises(ValueError, match=match):
             magnitude_threshold(ws, ms, fraction=0.3, out=o, backend=backend)
         assert all(torch.equal(a, b) for a, b in zip(masks + ws, before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_views(backend, dtype):
+    """Weights, masks and outputs as views one element into their storage (not 16-byte
+    aligned); the element before each output is not written."""
+    _need(backend)
+    gen = torch.Generator().manual_seed(42)
+    sizes = [1, 127, 129, 300]
+    ws = [torch.randn(n + 1, generator=gen).to(dtype)[1:] for n in sizes]
+    masks = [(torch.rand(n + 1, generator=gen) > 0.3)[1:] for n in sizes]
+    stores = [torch.full((n + 1,), True) for n in sizes]
+    out = [s[1:] for s in stores]
+    assert all(t.data_ptr() % 16 for t in ws + masks + out)
+    for t in out:
+        t.view(torch.uint8).fill_(7)
+    sel = magnitude_threshold(ws, masks, fraction=0.3, out=out, backend=backend)
+    want, n, thr = _oracle(ws, masks, round(0.3 * sum(int(m.sum()) for m in masks)))
+    assert (sel.n, sel.threshold) == (n, thr)
+    for o, w, s in zip(out, want, stores):
+        assert torch.equal(o, w) and bool(s[0])

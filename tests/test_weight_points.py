@@ -194,3 +194,30 @@ def test_out_overlapping_an_input_is_refused(backend):
         with pytest.raises(ValueError, match=f"'{name}' and 'out'.*overlap in memory"):
             weight_points(origin, dirs, cs, out=store[:K * D].view(K, D), backend=backend)
         assert torch.equal(store, before)
+
+
+def _offset(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` as a contiguous view starting one element into its storage (not 16-byte
+    aligned: Triton's unaligned specialization)."""
+    flat = torch.zeros(t.numel() + 1, dtype=t.dtype)
+    return flat[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_misaligned_views(backend, dtype):
+    """Every input and the output as views one element into their storage; the element before
+    the output is not written."""
+    _available(backend)
+    K, J, D = 3, 2, 1029
+    (origin, U, C, clip, lo, hi), _ = _case(K, J, D, dtype, seed=77)
+    expected = _ref64(origin, U, C, clip, lo, hi)
+    args = [_offset(t.to(dtype)) for t in (origin, U, C)]
+    store = torch.full((K * D + 1,), float("nan"), dtype=dtype)
+    out = store[1:].view(K, D)
+    assert all(t.data_ptr() % 16 for t in args + [out])
+    weight_points(*args, clip=_offset(clip), lo=_offset(lo.to(dtype)), hi=_offset(hi.to(dtype)),
+                  out=out, backend=backend)
+    assert torch.isnan(store[0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)

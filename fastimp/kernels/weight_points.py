@@ -37,18 +37,22 @@ def grid(K: int, D: int, block: int, max_k: int = MAX_GRID_Y):
 
 def variants():
     """Every compiled variant a GPU launch can take: (name, kernel, signature, constexprs,
-    16-byte aligned pointer args, num_warps). A launch over points k0 > 0 (K > 65,535) passes
-    row slices of coeffs and out, which need not be 16-byte aligned; D >= 2^31 is int64."""
+    16-byte aligned pointer args, num_warps). Triton specializes each pointer on 16-byte
+    alignment: a launch over points k0 > 0 (K > 65,535) passes row slices of coeffs and out,
+    which need not be aligned ("sliced"), and views that start inside their storage may leave
+    any pointer unaligned ("unaligned": none aligned, the most general of those
+    specializations); D >= 2^31 is int64."""
     for dt in ("fp32", "fp64"):
         for d_type in ("i32", "i64"):
-            for sliced in (False, True):
+            for kind in ("", " sliced", " unaligned"):
                 sig = {"origin_ptr": f"*{dt}", "dir_ptr": f"*{dt}", "coef_ptr": f"*{dt}",
                        "clip_ptr": "*u8", "lo_ptr": f"*{dt}", "hi_ptr": f"*{dt}",
                        "out_ptr": f"*{dt}", "D": d_type, "J": "i32"}
-                aligned = tuple(k for k in sig if k.endswith("_ptr")
-                                and not (sliced and k in ("coef_ptr", "out_ptr")))
-                yield (f"weight_points {dt} D {d_type}{' sliced' if sliced else ''}",
-                       weight_points_kernel, sig, dict(BLOCK=GPU_BLOCK), aligned, 4)
+                aligned = () if kind == " unaligned" else tuple(
+                    k for k in sig if k.endswith("_ptr")
+                    and not (kind == " sliced" and k in ("coef_ptr", "out_ptr")))
+                yield (f"weight_points {dt} D {d_type}{kind}", weight_points_kernel, sig,
+                       dict(BLOCK=GPU_BLOCK), aligned, 4)
 
 
 def weight_points_triton(origin, directions, coeffs, clip, lo, hi, out, block: int = GPU_BLOCK,
