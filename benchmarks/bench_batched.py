@@ -13,11 +13,14 @@ time.
   default.
 
 ``gpu_check(device, runs, batch_size, steps)`` is the GPU measurement (run-steps per second of
-12 ResNet-20 runs: eager one at a time, packed, packed + CUDA graph, fp32 and bf16, and the
-packed + graph step's equality with the eager one); ``benchmarks/gpu_check.py`` calls it.
+12 ResNet-20 runs: eager one at a time, packed, packed + CUDA graph, fp32 and bf16) and
+``equality_check(device)`` the judged equality of a few steps: packed runs against separate
+ones, the CUDA-graph program against the eager one; ``benchmarks/gpu_check.py`` calls both (on
+the CPU, in its dry run, with :class:`fastimp.batched.graph.EmulatedGraph`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Callable, Dict, List
@@ -280,19 +283,41 @@ def tables(device, quick: bool) -> List[Table]:
         finally:
             torch.set_num_threads(threads)
     else:
+        eq = equality_check(device)
+        if not eq["ok"]:
+            raise AssertionError(f"batched runs differ from separate ones: {eq}")
         out.append(gpu_table(gpu_check(device)))
     return out
 
 
 # ------------------------------------------------------------------------------------------ GPU
+@contextlib.contextmanager
+def _graphs(device, made: List):
+    """CUDA graphs on a GPU; on the CPU (the GPU check's dry run) ``EmulatedGraph``, which runs
+    everything but the capture. Every graph made goes to ``made``."""
+    from fastimp.batched import graph as G
+    real_new, real_supported = G.new_graph, G.supported
+    cpu = torch.device(device).type == "cpu"
+
+    def new_graph(dev):
+        made.append(G.EmulatedGraph() if cpu else real_new(dev))
+        return made[-1]
+    G.new_graph = new_graph
+    if cpu:
+        G.supported = lambda dev: True
+    try:
+        yield
+    finally:
+        G.new_graph, G.supported = real_new, real_supported
+
+
 def gpu_check(device="cuda", runs: int = 12, batch_size: int = 128, steps: int = 30,
               model: str = "cifar_resnet_20") -> Dict[str, object]:
     """Run-steps per second of ``runs`` ResNet-20 runs (CIFAR-shaped synthetic data, batch
     ``batch_size``, 50% random masks, data on the device) trained for ``steps`` steps: eager one
-    at a time, packed, packed + CUDA graph, in fp32 and bf16; plus the packed + graph step's
-    equality with the packed eager step (max relative weight difference after ``steps`` steps,
-    same start) and the amortised time of a full 62,400-step training per run. Returns a dict;
-    ``gpu_table(result)`` renders it."""
+    at a time, packed, packed + CUDA graph, in fp32 and bf16; and the amortised time of a full
+    62,400-step training per run. Returns a dict; ``gpu_table(result)`` renders it. (Timings
+    only: :func:`equality_check` judges the results.)"""
     from fastimp.batched import graph as G
     from fastimp.training import make_optimizer
     device = torch.device(device)
@@ -317,30 +342,101 @@ def gpu_check(device="cuda", runs: int = 12, batch_size: int = 128, steps: int =
     sep = [copy.deepcopy(m) for m in ms]
     res["eager_loop"] = rate(_separate_step(sep, [make_optimizer(m, cfg, mk) for m, mk in
                                                   zip(sep, masks)], loaders))
-    finals = {}
-    for precision in ("fp32", "bf16"):
-        for graph in (False, True):
-            models_ = [copy.deepcopy(m) for m in ms]
-            step, module, opt, bl, eager = _packed_step(models_, masks, loaders, cfg, device,
-                                                        precision)
-            if graph:
-                gs = G.GraphStep(eager, G.new_graph(device), res["optimizer_in_graph"])
-                state = {"s": 0}
+    made: List = []
+    with _graphs(device, made):
+        for precision in ("fp32", "bf16"):
+            for graph in (False, True):
+                models_ = [copy.deepcopy(m) for m in ms]
+                step, module, opt, bl, eager = _packed_step(models_, masks, loaders, cfg, device,
+                                                            precision)
+                if graph:
+                    gs = G.GraphStep(eager, G.new_graph(device), res["optimizer_in_graph"])
+                    state = {"s": 0}
 
-                def step(gs=gs, bl=bl, state=state):
-                    x, y = bl.batch(state["s"])
-                    gs(x, y, cfg.lr)
-                    state["s"] += 1
-            label = f"packed{' + graph' if graph else ''} {precision}"
-            res[label] = rate(step)
-            finals[label] = [p.detach().clone() for p in module.parameters()]
-    for precision in ("fp32", "bf16"):
-        a, b = finals[f"packed {precision}"], finals[f"packed + graph {precision}"]
-        res[f"graph_vs_eager_max_rel_diff {precision}"] = max(
-            float((x - y).norm() / (x.norm() + 1e-12)) for x, y in zip(a, b))
+                    def step(gs=gs, bl=bl, state=state):
+                        x, y = bl.batch(state["s"])
+                        gs(x, y, cfg.lr)
+                        state["s"] += 1
+                res[f"packed{' + graph' if graph else ''} {precision}"] = rate(step)
+    res["graphs_captured"] = bool(made) and all(g.captured for g in made)
     best = max(v for k, v in res.items() if k.startswith("packed") and isinstance(v, float))
     res["full_training_seconds_per_run"] = 62400 / best
     res["speedup_vs_eager_loop"] = best / res["eager_loop"]
+    return res
+
+
+# Largest relative L2 difference of the state dicts' tensors after a few float64 steps. In fp32
+# a few steps cannot tell a bug from noise: ResNet-20 on these data turns a 1e-7 change of the
+# initial weights into 0.2-0.4 after 5 steps at lr 0.1 (and packing's summation order into
+# 0.02-0.2; benchmarks/RESULTS.md, "How closely batched runs follow separate ones"). In float64
+# the same amplification leaves the summation-order noise (1e-16) far below these bounds, while
+# a bug (a stale batch in the graph, runs mixed up, a mask lost) changes whole updates (>= 1e-3).
+EQUALITY_TOL = {"packed_vs_separate": 1e-7, "graph_vs_eager": 1e-7}
+
+
+def _state_diff(a, b) -> float:
+    """Largest relative L2 difference over the floating tensors of two modules' state dicts
+    (inf when an integer buffer differs or a value is not finite)."""
+    worst = 0.0
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        x, y = sa[k].detach().double(), sb[k].detach().double()
+        if not sa[k].is_floating_point():
+            if not torch.equal(x, y):
+                return float("inf")
+            continue
+        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            return float("inf")
+        worst = max(worst, float((x - y).norm() / (x.norm() + 1e-12)))
+    return worst
+
+
+def equality_check(device="cuda", runs: int = 3, batch_size: int = 128, steps: int = 5,
+                   side: int = 32, width: int = 16) -> Dict[str, object]:
+    """Judged equality of ``steps`` float64 steps of ``runs`` masked ResNet-20 runs (lr 2^-4,
+    exact in the float32 lr tensor a captured step reads): each run trained alone (``train``),
+    packed (``train_batched``) and packed with its step in a CUDA graph (3 eager warm-up steps,
+    then replays); the largest relative state-dict difference of packed against separate and of
+    graph against eager must stay within ``EQUALITY_TOL``, the pruned weights exactly 0 and the
+    graph captured. ``result["ok"]`` is the verdict. ``side``, ``width``: image side and
+    network width (smaller for the CPU's dry run)."""
+    from fastimp import data, models
+    from fastimp.masks import prunable
+    from fastimp.training import TrainConfig, train, train_batched
+    device = torch.device(device)
+    name, kw, dkw, _ = MODELS["ResNet-20"]
+    ds = data.get("synthetic", train_size=batch_size * 8, test_size=16, device=str(device),
+                  **dict(dkw, shape=(3, side, side), dtype=torch.float64))
+    loaders = [ds.loader("train", batch_size, seed=s) for s in range(runs)]
+    ms = [models.get(name, num_classes=10, seed=s, width=width, **kw).to(device, torch.float64)
+          for s in range(runs)]
+    g = torch.Generator().manual_seed(0)
+    masks = [{n: (torch.rand(p.shape, generator=g) < 0.5).to(device)
+              for n, p in prunable(m).items()} for m in ms]
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=2.0 ** -4, momentum=0.9,
+                      weight_decay=1e-4, milestones=())
+    made: List = []
+    alone = [copy.deepcopy(m) for m in ms]
+    for m, ld, mk in zip(alone, loaders, masks):
+        train(m, cfg, ld, mk, progress=False)
+    eager = [copy.deepcopy(m) for m in ms]
+    train_batched(eager, cfg, loaders, masks, progress=False, batching="packed")
+    graphed = [copy.deepcopy(m) for m in ms]
+    with _graphs(device, made):
+        train_batched(graphed, cfg, loaders, masks, progress=False, batching="packed",
+                      cuda_graph=True)
+    sync(device)
+    res: Dict[str, object] = {"runs": runs, "batch_size": batch_size, "steps": steps,
+                              "image": f"3x{side}x{side}", "width": width,
+                              "tolerance": dict(EQUALITY_TOL)}
+    res["packed_vs_separate"] = max(_state_diff(a, b) for a, b in zip(alone, eager))
+    res["graph_vs_eager"] = max(_state_diff(a, b) for a, b in zip(eager, graphed))
+    res["pruned_weights_zero"] = all(
+        bool((dict(m.named_parameters())[n][~mk[n]] == 0).all())
+        for group in (alone, eager, graphed) for m, mk in zip(group, masks) for n in mk)
+    res["graph_captured"] = bool(made) and all(g.captured for g in made)
+    res["ok"] = bool(res["pruned_weights_zero"] and res["graph_captured"] and all(
+        res[k] <= tol for k, tol in EQUALITY_TOL.items()))
     return res
 
 

@@ -1,29 +1,34 @@
 """``python -m benchmarks.gpu_check --out DIR [--dry-run] [--only STEP ...] [--budget S]``
 
 One command that verifies every kernel on a GPU and times it, for a short GPU lease: no network,
-the machine's own torch/triton. Steps, in order (each with its own timeout, its result written to
-``DIR/gpu_report.json`` and ``DIR/gpu_report.md`` as soon as it finishes):
+the machine's own torch/triton. Steps, by priority (correctness first, then timings; each with
+its own timeout, its result written to ``DIR/gpu_report.json`` and ``DIR/gpu_report.md`` as soon
+as it finishes):
 
   wheels        install ``.whl/*.whl`` (mnist1d, pyhessian: ``make gpu-wheels`` fetches them)
   environment   card, driver, CUDA, torch, triton, Python, commit
   build         build fastimp._C for the local card only (TORCH_CUDA_ARCH_LIST=<its sm>)
   kernels       every kernel backend vs its reference: edge sizes, misaligned views, dtypes,
                 lr tensors, CUDA-graph replay, > 2^31 elements (benchmarks/kernel_checks.py)
-  pytest_gpu    the gpu-marked tests
-  bandwidth     masked SGD at 2^28 elements (fp32, bf16) as a share of copy_
+  batched_equality  judged: a few float64 steps of packed ResNet-20 runs against separate ones,
+                and the CUDA-graph program against the eager one (bench_batched.equality_check)
+  pytest_gpu    the gpu-marked tests (opcheck of the cuda/triton ops, a compiled MaskedSGD step)
   resnet_steps  ResNet-18/50 MaskedSGD steps vs torch's fused SGD + mask; host time; CUDA graphs
+  bandwidth     masked SGD at 2^28 elements (fp32, bf16) as a share of copy_
+  batched       run-steps/s of 12 ResNet-20 runs: eager loop, packed, + CUDA graph, fp32/bf16
   histogram     histogram atomics: Gaussian vs uniform keys, relaxed vs acq_rel; whole threshold
   threshold     prune_magnitude vs global_unstructured and cat + kthvalue (ResNet-18/50)
   weight_points weight_points vs addmm and the reference
   landscape     the landscape slice benchmark (quick sizes)
   hessian       fastimp.hessian vs PyHessian (quick sizes)
-  batched       batched training steps (benchmarks/bench_batched.py, once it exists)
   compile_check registers and spills of every Triton variant on the local arch, and the CUDA ones
 
 ``--dry-run`` runs the same plan on the CPU with tiny sizes (Triton through its interpreter, no
-build): CI runs it, so the command is known to work before a GPU session needs it. Python steps
-run in forked children (the parent never touches CUDA), so a hung kernel costs its timeout only.
-The whole command stays within ``--budget`` seconds (default 470: 8 minutes on an H100/H200).
+build, CUDA graphs emulated): CI runs it, so the command is known to work before a GPU session
+needs it. Python steps run in forked children (the parent never touches CUDA), so a hung kernel
+costs its timeout only. The steps' timeouts add up to less than ``--budget`` (default 470 s: 8
+minutes on an H100/H200; a dry run gets 4x both); a step the budget leaves no time for is
+reported as ``budget``, the report says INCOMPLETE and the exit status is 3 (1: a step failed).
 """
 from __future__ import annotations
 
@@ -78,9 +83,12 @@ def _tables_md(tables) -> str:
 
 
 def _prepare_child(ctx: Ctx) -> None:
-    """In a child: the interpreter for Triton on the CPU, quiet numpy warnings."""
+    """In a child: on the CPU the interpreter for Triton and one torch thread (tiny sizes: more
+    threads only spin against each other), quiet numpy warnings."""
     if ctx.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        torch.set_num_threads(1)
     os.environ.update(ctx.env)
     import warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -285,15 +293,28 @@ def step_hessian(ctx: Ctx) -> Dict:
     return {"status": "ok", "summary": note, "markdown": _tables_md(ts)}
 
 
+def step_batched_equality(ctx: Ctx) -> Dict:
+    from benchmarks.bench_batched import equality_check
+    res = equality_check(ctx.device, **(dict(runs=2, batch_size=4, side=8, width=4)
+                                        if ctx.dry else {}))
+    tol = res["tolerance"]
+    return {"status": "ok" if res["ok"] else "failed",
+            "summary": f"{res['steps']} float64 steps of {res['runs']} runs: packed vs separate "
+                       f"{res['packed_vs_separate']:.1e} (<= {tol['packed_vs_separate']:g}), "
+                       f"graph vs eager {res['graph_vs_eager']:.1e} "
+                       f"(<= {tol['graph_vs_eager']:g}); pruned weights 0: "
+                       f"{res['pruned_weights_zero']}; graph captured: {res['graph_captured']}",
+            "data": res}
+
+
 def step_batched(ctx: Ctx) -> Dict:
-    if not (ROOT / "benchmarks" / "bench_batched.py").exists():
-        return {"status": "skipped", "summary": "benchmarks/bench_batched.py is not on this commit"}
-    if ctx.dry:
-        return {"status": "skipped", "summary": "dry run: batched training is timed on a GPU only"}
-    import importlib
-    ts = importlib.import_module("benchmarks.bench_batched").tables(ctx.device, True)
-    return {"status": "ok", "summary": f"{sum(len(t.rows) for t in ts)} rows",
-            "markdown": _tables_md(ts)}
+    from benchmarks.bench_batched import gpu_check, gpu_table
+    res = gpu_check(ctx.device, **(dict(runs=2, batch_size=4, steps=1) if ctx.dry else {}))
+    return {"status": "ok", "summary": f"best packed {res['speedup_vs_eager_loop']:.2f}x the "
+                                       f"eager loop; a 62,400-step training "
+                                       f"{res['full_training_seconds_per_run']:.0f} s per run "
+                                       f"amortised; graphs captured: {res['graphs_captured']}",
+            "markdown": _tables_md([gpu_table(res)]), "data": res}
 
 
 def step_compile_check(ctx: Ctx) -> Dict:
@@ -301,7 +322,8 @@ def step_compile_check(ctx: Ctx) -> Dict:
     arch = str(ctx.info.get("capability", "9.0")).replace(".", "") if not ctx.dry else "90"
     path = ctx.out / ".compile_check.json"
     proc = _sh([sys.executable, "-m", "fastimp.kernels.compile_check", "--arch", arch,
-                "--json", str(path), "--markdown", "--cuda-so"], ctx.info.get("_timeout", 120),
+                "--json", str(path), "--markdown", "--cuda-so", "--jobs",
+                str(max(1, min(8, (os.cpu_count() or 2) - 1)))], ctx.info.get("_timeout", 120),
                env=env)
     try:
         rows = json.loads(path.read_text())
@@ -315,22 +337,36 @@ def step_compile_check(ctx: Ctx) -> Dict:
             "log": _tail(proc.stderr) if proc.returncode else ""}
 
 
+# By priority: what the GPU must confirm first (the build, the kernels' results, the batched
+# program's equality, the gpu tests), then timings, then the register counts the CPU already has.
+# Timeouts are what each step may take on an H100/H200 (typical: well under half); they add up
+# to less than DEFAULT_BUDGET, so no step is left without time unless one overruns.
 STEPS = [
-    Step("wheels", 60, step_wheels, child=False),
-    Step("environment", 60, step_environment),
-    Step("build", 240, step_build, child=False),
-    Step("kernels", 120, step_kernels),
-    Step("pytest_gpu", 150, step_pytest, child=False),
-    Step("bandwidth", 45, step_bandwidth),
-    Step("resnet_steps", 75, step_resnet),
-    Step("histogram", 45, step_histogram),
-    Step("threshold", 60, step_threshold),
-    Step("weight_points", 30, step_weight_points),
-    Step("landscape", 60, step_landscape),
-    Step("hessian", 60, step_hessian),
-    Step("batched", 45, step_batched),
-    Step("compile_check", 90, step_compile_check, child=False),
+    Step("wheels", 10, step_wheels, child=False),
+    Step("environment", 10, step_environment),
+    Step("build", 135, step_build, child=False),
+    Step("kernels", 70, step_kernels),
+    Step("batched_equality", 25, step_batched_equality),
+    Step("pytest_gpu", 70, step_pytest, child=False),
+    Step("resnet_steps", 20, step_resnet),
+    Step("bandwidth", 12, step_bandwidth),
+    Step("batched", 25, step_batched),
+    Step("histogram", 8, step_histogram),
+    Step("threshold", 12, step_threshold),
+    Step("weight_points", 8, step_weight_points),
+    Step("landscape", 12, step_landscape),
+    Step("hessian", 15, step_hessian),
+    Step("compile_check", 20, step_compile_check, child=False),
 ]
+DEFAULT_BUDGET = 470.0  # seconds: 8 minutes on an H100/H200, less a margin for the lease
+DRY_FACTOR = 4          # a dry run's timeouts and budget (the CPU and the interpreter are slower)
+STEP_OVERHEAD = 1.0     # seconds per step outside its timeout (fork, report writing)
+
+
+def planned_seconds(steps=None) -> float:
+    """The plan's worst case on a GPU: every step at its timeout."""
+    steps = STEPS if steps is None else steps
+    return sum(s.timeout + STEP_OVERHEAD for s in steps)
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -385,8 +421,10 @@ def report_markdown(report: Dict) -> str:
              f"{info.get('triton', '?')}, Python {info.get('python', '?')}, "
              f"{info.get('cpu_cores', '?')} CPU cores.", "",
              f"Command: `{report['command']}`{' (dry run: CPU, tiny sizes)' if report['dry_run'] else ''}"
-             f"; {report['seconds']:.0f} s in all.", "",
-             "| step | status | seconds | summary |", "|---|---|---:|---|"]
+             f"; {report['seconds']:.0f} s in all.", ""]
+    if report.get("incomplete"):
+        lines += [f"**INCOMPLETE**: no time was left for {', '.join(report['incomplete'])}.", ""]
+    lines += ["| step | status | seconds | summary |", "|---|---|---:|---|"]
     for s in report["steps"]:
         summary = str(s.get("summary", "")).replace("|", "/").replace("\n", " ")
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {summary} |")
@@ -426,7 +464,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", nargs="+", choices=[s.name for s in STEPS],
                    help="run only these steps (environment always runs)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole command (default 470; 1800 with --dry-run)")
+                   help=f"seconds for the whole command (default {DEFAULT_BUDGET:.0f}; "
+                        f"{DRY_FACTOR}x with --dry-run)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -434,7 +473,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("gpu_check: no GPU here (nvidia-smi -L failed); use --dry-run on a CPU",
               file=sys.stderr)
         return 2
-    budget = args.budget or (1800.0 if args.dry_run else 470.0)
+    factor = DRY_FACTOR if args.dry_run else 1
+    budget = args.budget or DEFAULT_BUDGET * factor
     ctx = Ctx(out=out, dry=args.dry_run, device="cpu" if args.dry_run else "cuda")
     import torch  # noqa: F401  (imported once here, before forking; CUDA is never touched here)
     start = time.time()
@@ -444,10 +484,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.only and step.name not in args.only and step.name != "environment":
             continue
         left = budget - (time.time() - start)
-        timeout = min(step.timeout * (4 if args.dry_run else 1), left - 5)
+        timeout = min(step.timeout * factor, left - STEP_OVERHEAD)
         t0 = time.time()
-        if timeout < 10:
-            res = {"status": "skipped", "summary": f"budget: {left:.0f} s left"}
+        if timeout < min(5.0, step.timeout * factor):
+            res = {"status": "budget", "summary": f"not run: {left:.0f} s of the budget left"}
         else:
             print(f"[gpu_check] {step.name} (timeout {timeout:.0f} s) ...", flush=True)
             res = run_step(step, ctx, timeout)
@@ -456,6 +496,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             report["environment"] = res["data"]
             ctx.info.update(res["data"])
         report["steps"].append(res)
+        report["incomplete"] = [x["name"] for x in report["steps"] if x["status"] == "budget"]
         report["seconds"] = time.time() - start
         write_report(report, out)
         print(f"[gpu_check] {step.name}: {res['status']} ({res['seconds']:.1f} s) "
@@ -463,9 +504,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [s["name"] for s in report["steps"] if s["status"] in ("failed", "timeout")]
     print(f"[gpu_check] done in {report['seconds']:.0f} s; report: {out / 'gpu_report.md'}"
           + (f"; FAILED: {', '.join(bad)}" if bad else ""))
-    print("\n".join(f"  {s['name']:<14} {s['status']:<8} {s['seconds']:6.1f} s  "
+    print("\n".join(f"  {s['name']:<16} {s['status']:<8} {s['seconds']:6.1f} s  "
                     f"{str(s.get('summary', ''))[:100]}" for s in report["steps"]))
-    return 1 if bad else 0
+    if report.get("incomplete"):
+        print(f"[gpu_check] INCOMPLETE: no time left for {', '.join(report['incomplete'])} "
+              f"(budget {budget:.0f} s)")
+    return 1 if bad else (3 if report.get("incomplete") else 0)
 
 
 if __name__ == "__main__":

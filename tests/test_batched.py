@@ -491,13 +491,32 @@ def test_bf16_and_channels_last_options_train():
     assert not torch.equal(got.losses, want.losses)
 
 
-def test_gpu_check_runs_with_an_emulated_graph(monkeypatch):
-    """benchmarks.bench_batched.gpu_check (what the GPU check calls) end to end on the CPU."""
+def test_gpu_check_runs_with_an_emulated_graph():
+    """benchmarks.bench_batched.gpu_check (what the GPU check times) end to end on the CPU."""
     from benchmarks.bench_batched import gpu_check, gpu_table
-    monkeypatch.setattr(graph, "new_graph", lambda device: graph.EmulatedGraph())
     res = gpu_check("cpu", runs=2, batch_size=4, steps=1)
     for k in ("eager_loop", "packed fp32", "packed + graph fp32", "packed bf16",
               "packed + graph bf16"):
         assert res[k] > 0, k
-    assert res["graph_vs_eager_max_rel_diff fp32"] == 0.0  # the same kernels, replayed
+    assert res["graphs_captured"]
     assert "run-steps/s" in gpu_table(res).render()
+
+
+def test_equality_check_judges_and_can_fail(monkeypatch):
+    """benchmarks.bench_batched.equality_check (the GPU check's judged batched step): packed
+    runs against separate ones and the graph program against the eager one pass on the CPU; a
+    graph that replays a step twice fails it."""
+    from benchmarks.bench_batched import EQUALITY_TOL, equality_check
+    kw = dict(runs=2, batch_size=4, steps=5, side=8, width=4)
+    res = equality_check("cpu", **kw)
+    assert res["ok"], res
+    assert res["graph_captured"] and res["pruned_weights_zero"]
+    assert res["packed_vs_separate"] <= EQUALITY_TOL["packed_vs_separate"]
+    real = graph.EmulatedGraph.replay
+
+    def twice(self):
+        real(self)
+        return real(self)
+    monkeypatch.setattr(graph.EmulatedGraph, "replay", twice)
+    bad = equality_check("cpu", **kw)
+    assert not bad["ok"] and bad["graph_vs_eager"] > 100 * EQUALITY_TOL["graph_vs_eager"], bad

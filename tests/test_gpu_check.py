@@ -32,13 +32,41 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
         assert s["status"] in ("ok", "skipped"), (name, s)
     assert steps["kernels"]["status"] == "ok" and steps["kernels"]["data"]["failed"] == 0
     assert len(steps["kernels"]["data"]["checks"]) > 50
-    for name in ("environment", "kernels", "pytest_gpu", "bandwidth", "resnet_steps",
-                 "histogram", "threshold", "weight_points", "landscape", "hessian",
-                 "compile_check"):
+    for name in ("environment", "kernels", "batched_equality", "pytest_gpu", "bandwidth",
+                 "resnet_steps", "batched", "histogram", "threshold", "weight_points",
+                 "landscape", "hessian", "compile_check"):
         assert steps[name]["status"] == "ok", (name, steps[name])
+    eq = steps["batched_equality"]["data"]  # the CUDA path of bench_batched, graph emulated
+    assert eq["ok"] and eq["graph_captured"]
+    assert steps["batched"]["data"]["graphs_captured"]
+    assert not report["incomplete"] and "INCOMPLETE" not in proc.stdout
     md = (tmp_path / "gpu_report.md").read_text()
     assert "| step | status | seconds | summary |" in md and "commit" in md
     assert "#### kernels" in md and "| masked_sgd |" in md
+
+
+def test_the_plan_fits_the_budget_correctness_first():
+    """Every step's timeout together fits the default budget (8 minutes on an H100/H200), and
+    the steps come by priority: kernel results, then the batched program's equality, then the
+    timings."""
+    from benchmarks import gpu_check
+    assert gpu_check.planned_seconds() <= gpu_check.DEFAULT_BUDGET
+    names = [s.name for s in gpu_check.STEPS]
+    timings = ["resnet_steps", "bandwidth", "batched", "histogram", "threshold",
+               "weight_points", "landscape", "hessian"]
+    assert names.index("build") < names.index("kernels") < names.index("batched_equality")
+    assert names.index("batched_equality") < min(names.index(t) for t in timings)
+    assert names.index("pytest_gpu") < min(names.index(t) for t in timings)
+
+
+def test_a_step_left_without_budget_makes_the_report_incomplete(tmp_path):
+    proc = _run(["--dry-run", "--only", "wheels", "--budget", "1"], tmp_path)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "INCOMPLETE" in proc.stdout
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["incomplete"] == ["wheels", "environment"]
+    assert {s["status"] for s in report["steps"]} == {"budget"}
+    assert "**INCOMPLETE**" in (tmp_path / "gpu_report.md").read_text()
 
 
 def test_without_a_gpu_it_says_to_use_dry_run(tmp_path):
