@@ -240,6 +240,11 @@ class MaskedSGD(Optimizer):
         call_op(params, grads, bufs, masks, init, backend=self.backend, **kw)
 
 
+_DTYPE = operator.attrgetter("dtype")
+_STRIDE = operator.methodcaller("stride")
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+
+
 class _CachedStep:
     """A param group's prepared step (:class:`fastimp.ops.masked_sgd.Plan`) and what it was
     prepared for: the addresses of every param and grad, the grads' dtypes and strides (torch
@@ -255,7 +260,10 @@ class _CachedStep:
         self.pptrs = tuple([p.data_ptr() for p in group_params])
         self.gptrs = tuple([0 if p.grad is None else p.grad.data_ptr() for p in group_params])
         self.params = params
-        self.glayout = [(g.dtype, g.stride()) for g in grads]
+        self.dtypes = [g.dtype for g in grads]
+        # the grads' layouts: all contiguous (the usual case, checked cheaply), else the strides
+        contiguous = all(map(_IS_CONTIGUOUS, grads))
+        self.gstrides = None if contiguous else list(map(_STRIDE, grads))
         self.sts = [opt.state.get(p) for p in params]
         self.bufs = list(bufs)
         self.masks = list(masks)
@@ -284,7 +292,10 @@ class _CachedStep:
                        self.masks)):
             return None
         grads = [g for g in all_grads if g is not None]
-        if [(g.dtype, g.stride()) for g in grads] != self.glayout:
+        if not all(map(operator.is_, map(_DTYPE, grads), self.dtypes)):
+            return None
+        if not (all(map(_IS_CONTIGUOUS, grads)) if self.gstrides is None
+                else list(map(_STRIDE, grads)) == self.gstrides):
             return None
         return grads
 

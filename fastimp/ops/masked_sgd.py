@@ -27,7 +27,6 @@ Under ``torch.compile`` the step is the custom op ``torch.ops.fastimp.masked_sgd
 """
 from __future__ import annotations
 
-import collections
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -217,6 +216,22 @@ def _cpu(params, grads, bufs, masks, init, *, lr, momentum, dampening, weight_de
                            bool(decoupled))
 
 
+class _Key:
+    """A table key: the tuple and its hash, computed once (a dict hashes its key at every
+    lookup, and these tuples hold a few hundred items)."""
+    __slots__ = ("items", "hash")
+
+    def __init__(self, items: tuple):
+        self.items = items
+        self.hash = hash(items)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Key) and self.hash == other.hash and self.items == other.items
+
+
 class _Tables:
     """Device tables of the ``cuda`` and ``triton`` backends, cached per (backend, tensors).
 
@@ -230,36 +245,40 @@ class _Tables:
 
     def __init__(self, size: int = 16):
         self.size = size
-        self.entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-        self.pinned: Dict[tuple, tuple] = {}
+        self.entries: Dict[_Key, list] = {}  # key -> [entry, last use]
+        self.pinned: Dict[_Key, tuple] = {}
         self.builds = 0
+        self.clock = 0
 
     @staticmethod
-    def key(backend, params, grads, bufs, masks, momentum) -> tuple:
-        return (backend, params[0].device, params[0].dtype, momentum != 0, tuple([
+    def key(backend, params, grads, bufs, masks, momentum) -> "_Key":
+        return _Key((backend, params[0].device, params[0].dtype, momentum != 0, tuple([
             (p.data_ptr(), p.shape, p.stride(),
              g.data_ptr(), g.dtype, g.device, g.shape, g.stride(),
              None if b is None else (b.data_ptr(), b.dtype, b.device, b.shape, b.stride()),
              None if m is None else (m.data_ptr(), m.dtype, m.device, m.shape, m.stride()))
-            for p, g, b, m in zip(params, grads, bufs, masks)]))
+            for p, g, b, m in zip(params, grads, bufs, masks)])))
 
     def get(self, backend: str, build: Callable, params, grads, bufs, masks, momentum):
         """(key, (table or None, fast indices, slow indices))."""
         key = self.key(backend, params, grads, bufs, masks, momentum)
-        entry = self.pinned.get(key) or self.entries.get(key)
-        capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
+        self.clock += 1
+        slot = self.entries.get(key)
+        if slot is not None:
+            slot[1] = self.clock
+            entry = slot[0]
+        else:
+            entry = self.pinned.get(key) if self.pinned else None
         if entry is None:
             check_group(params, grads, bufs, masks, momentum, layout=False)
             fast, slow = _split_layout(params, grads, bufs, masks)
             table = build(*(_pick(x, fast) for x in (params, grads, bufs, masks))) if fast else None
             entry = (table, fast, slow)
             self.builds += 1
-            self.entries[key] = entry
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        elif key in self.entries:
-            self.entries.move_to_end(key)
-        if capturing:
+            self.entries[key] = [entry, self.clock]
+            if len(self.entries) > self.size:  # evict the least recently used
+                del self.entries[min(self.entries, key=lambda k: self.entries[k][1])]
+        if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
             self.pinned[key] = entry
         return key, entry
 
