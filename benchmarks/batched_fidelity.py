@@ -36,7 +36,8 @@ def drift(width: int, batch: int, side: int, n: int, steps: int = 50) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
     # a learnable 4-class task: which of two channels are brighter than average
-    y = (x[:, 0].float().mean((1, 2)) > 127.5).long() + 2 * (x[:, 1].float().mean((1, 2)) > 127.5).long()
+    bright = x.float().mean((2, 3)) > 127.5
+    y = bright[:, 0].long() + 2 * bright[:, 1].long()
     loaders = [Loader(x, y, batch, seed=s, augment="cifar", mean=[0.5] * 3, std=[0.25] * 3)
                for s in range(RUNS)]
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=0.1, momentum=0.9, weight_decay=5e-4,

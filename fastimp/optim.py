@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from fastimp.masks import check_mask
 from fastimp.ops.masked_sgd import DTYPES, Plan, call_op, masked_sgd_
 
+
 def _lr(value: Any) -> float | torch.Tensor:
     """A group's lr as the op takes it: a tensor is passed through (read on the device)."""
     return value if isinstance(value, torch.Tensor) else float(value)

@@ -10,14 +10,15 @@
 Without a process group every function is the one-process answer (rank 0 of 1).
 See docs/DISTRIBUTED.md.
 """
-from fastimp.distributed.env import (RankStoppedError, abandon, active, agree, all_gather_objects, backend_for, barrier,
-                                     device, init, is_main, launched, local_rank, main_writes,
-                                     rank, shutdown, world_size)
+from fastimp.distributed.env import (RankStoppedError, abandon, active, agree, all_gather_objects,
+                                     backend_for, barrier, device, init, is_main, launched,
+                                     local_rank, main_writes, rank, shutdown, world_size)
 from fastimp.distributed.masks import (MaskMismatchError, broadcast_masks, masks_checksum,
                                        verify_masks)
 from fastimp.distributed.split import gather_parts, shard, spread
 
-__all__ = ["RankStoppedError", "abandon", "active", "agree", "all_gather_objects", "backend_for", "barrier", "device", "init",
-           "is_main", "launched", "local_rank", "main_writes", "rank", "shutdown", "world_size",
+__all__ = ["RankStoppedError", "abandon", "active", "agree", "all_gather_objects", "backend_for",
+           "barrier", "device", "init", "is_main", "launched", "local_rank", "main_writes", "rank",
+           "shutdown", "world_size",
            "MaskMismatchError", "broadcast_masks", "masks_checksum", "verify_masks",
            "gather_parts", "shard", "spread"]

@@ -14,9 +14,9 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankStoppedError", "launched", "init", "shutdown", "abandon", "active", "rank", "world_size", "local_rank",
-           "is_main", "device", "barrier", "agree", "all_gather_objects", "main_writes",
-           "backend_for"]
+__all__ = ["RankStoppedError", "launched", "init", "shutdown", "abandon", "active", "rank",
+           "world_size", "local_rank", "is_main", "device", "barrier", "agree",
+           "all_gather_objects", "main_writes", "backend_for"]
 
 DEFAULT_TIMEOUT_S = 1800.0
 

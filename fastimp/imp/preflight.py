@@ -58,13 +58,10 @@ def build_model(name: str, model_kwargs, num_classes: int) -> torch.nn.Module:
     canonical(name)  # an unknown model says so
     try:
         return models.get(name, num_classes=num_classes, seed=0, **model_kwargs)
-    except TypeError as exc:
-        if "argument" not in str(exc):
-            raise ValueError(f"IMPConfig.model_kwargs: model {name!r} cannot be built with "
-                             f"{model_kwargs} ({exc})") from None
-        raise ValueError(f"IMPConfig.model_kwargs: model {name!r} does not take "
-                         f"{model_kwargs} ({exc})") from None
     except Exception as exc:  # noqa: BLE001 -- a user's factory may raise anything
+        if isinstance(exc, TypeError) and "argument" in str(exc):
+            raise ValueError(f"IMPConfig.model_kwargs: model {name!r} does not take "
+                             f"{model_kwargs} ({exc})") from None
         raise ValueError(f"IMPConfig.model_kwargs: model {name!r} cannot be built with "
                          f"{model_kwargs} ({' '.join(str(exc).split()) or type(exc).__name__})"
                          ) from None

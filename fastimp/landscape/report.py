@@ -62,12 +62,10 @@ def _plane_section(run, report_dir: Path, kind: str) -> str:
     from fastimp.analysis import paths, planes
     from fastimp.analysis.report import unavailable
     files = paths.plane_jsons(run, kind)
+    command = "fastimp plane DIR" + (" --kind pruning" if kind == "pruning" else "")
     if not files:
-        raise FigureUnavailable(unavailable(run, f"planes_{kind}",
-                                            "fastimp plane DIR" + (" --kind pruning"
-                                                                   if kind == "pruning" else "")))
-    results = [read_output(p, "fastimp plane DIR" + (" --kind pruning" if kind == "pruning"
-                                                     else "")) for p in files]
+        raise FigureUnavailable(unavailable(run, f"planes_{kind}", command))
+    results = [read_output(p, command) for p in files]
     results.sort(key=lambda r: (r["rewind_step"], r["level"]))
     lines: List[str] = []
     if kind == "imp":

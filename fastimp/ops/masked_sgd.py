@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fastimp import _ext
 from fastimp._backend import register_op, resolve
-from fastimp.ops._overlap import message as overlap_message, span
+from fastimp.ops._overlap import message as overlap_message, overlap
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOW = (torch.bfloat16, torch.float16)
@@ -153,13 +153,10 @@ def _check_no_overlap(i: int, p: Tensor, g: Tensor, b: Optional[Tensor],
                       m: Optional[Tensor]) -> None:
     """The written p and b share no memory with each other or with the g and m they read
     (``csrc/checks.h`` ``no_overlap`` in the compiled backends)."""
-    sp, sg = span(p), span(g)
-    sb = None if b is None else span(b)
-    sm = None if m is None else span(m)
-    for a, x, c, y in (("params", sp, "grads", sg), ("params", sp, "bufs", sb),
-                       ("params", sp, "masks", sm), ("grads", sg, "bufs", sb),
-                       ("bufs", sb, "masks", sm)):
-        if x is not None and y is not None and x[0] < y[1] and y[0] < x[1]:
+    for a, x, c, y in (("params", p, "grads", g), ("params", p, "bufs", b),
+                       ("params", p, "masks", m), ("grads", g, "bufs", b),
+                       ("bufs", b, "masks", m)):
+        if overlap(x, y):
             raise ValueError(overlap_message(a, i, c, i))
 
 
